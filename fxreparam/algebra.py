@@ -1,0 +1,177 @@
+"""The kernel algebra: pure tensor functions that every pass builds kernels with.
+
+Each function upcasts to float64 for the arithmetic (``exact``), and callers cast
+the final kernel back to the model's dtype with :func:`cast_like`, so a fold adds
+one rounding at most. Shapes follow PyTorch: a conv weight is ``[O, I/g, *k]``,
+a transposed-conv weight ``[I, O/g, *k]``, a linear weight ``[O, I]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "Affine",
+    "affine_after_affine",
+    "bn_to_affine",
+    "cast_like",
+    "center_pad",
+    "compose_pointwise",
+    "exact",
+    "identity_kernel",
+    "regroup",
+    "scale_input_channels",
+    "scale_output_channels",
+    "shift_through_kernel",
+    "sum_kernels",
+]
+
+Affine = tuple[torch.Tensor, torch.Tensor]
+"""A per-channel affine map ``y = scale * x + shift``, both of shape ``[C]``."""
+
+
+def exact(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in float64 (complex stays complex), detached: the precision folds are computed in."""
+    t = t.detach()
+    return t if t.is_complex() else t.to(torch.float64)
+
+
+def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` cast to ``like``'s dtype and device: folds are computed exactly, stored as the model's."""
+    return t.to(dtype=like.dtype, device=like.device).contiguous()
+
+
+def bn_to_affine(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> Affine:
+    """Inference BatchNorm as ``a * x + c``: ``a = gamma / sqrt(var + eps)``, ``c = beta - mean * a``."""
+    mean, var = exact(running_mean), exact(running_var)
+    gamma = exact(weight) if weight is not None else torch.ones_like(mean)
+    beta = exact(bias) if bias is not None else torch.zeros_like(mean)
+    a = gamma / torch.sqrt(var + eps)
+    return a, beta - mean * a
+
+
+def affine_after_affine(first: Affine, second: Affine) -> Affine:
+    """The composition ``second(first(x))`` of two per-channel affine maps."""
+    (a1, c1), (a2, c2) = first, second
+    return a1 * a2, c1 * a2 + c2
+
+
+def _channel_view(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.reshape(shape)
+
+
+def scale_output_channels(
+    weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1, transposed: bool = False
+) -> torch.Tensor:
+    """Multiply output channel ``o`` of a conv or linear kernel by ``scale[o]`` (REPARAM §1).
+
+    A transposed conv keeps its output channels on weight dim 1, per group.
+    """
+    w, s = exact(weight), exact(scale)
+    if not transposed:
+        return w * _channel_view(s, w.dim(), 0)
+    in_ch, out_per_group = w.shape[0], w.shape[1]
+    w = w.reshape(groups, in_ch // groups, out_per_group, *w.shape[2:])
+    s = s.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 3)))
+    return (w * s).reshape(weight.shape)
+
+
+def scale_input_channels(weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
+    """Fold ``x * scale`` (per input channel) into the kernel that reads x (REPARAM §2, §8).
+
+    Input channel ``i`` of group ``g`` sits at ``weight[g*O/g : (g+1)*O/g, i - g*I/g]``.
+    """
+    w, s = exact(weight), exact(scale)
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    s = s.reshape(groups, 1, in_per_group)  # [g, 1, I/g]
+    w = w.reshape(groups, out_ch // groups, in_per_group, *w.shape[2:])
+    return (w * s.reshape(groups, 1, in_per_group, *([1] * (w.dim() - 3)))).reshape(weight.shape)
+
+
+def shift_through_kernel(weight: torch.Tensor, shift: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
+    """The per-output bias that a constant input ``shift[i]`` produces: ``sum_{i,k} W[o,i,k] * shift[i]``.
+
+    Exact only where every tap reads real input (no zero padding): see REPARAM §2.
+    """
+    w, c = exact(weight), exact(shift)
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    w = w.reshape(groups, out_ch // groups, in_per_group, -1).sum(-1)  # [g, O/g, I/g]
+    c = c.reshape(groups, in_per_group, 1)
+    return torch.bmm(w, c).reshape(out_ch)
+
+
+def center_pad(weight: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
+    """Zero-pad a kernel symmetrically to ``kernel_size`` so that the centers align (REPARAM §3)."""
+    w = exact(weight)
+    pads: list[int] = []
+    for have, want in zip(reversed(w.shape[2:]), reversed(list(kernel_size))):
+        extra = want - have
+        if extra < 0 or extra % 2:
+            raise ValueError(f"cannot center a {tuple(w.shape[2:])} kernel in {tuple(kernel_size)}")
+        pads += [extra // 2, extra // 2]
+    return torch.nn.functional.pad(w, pads)
+
+
+def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """Express a grouped kernel with fewer groups, zero-filling the off-diagonal blocks (REPARAM §3).
+
+    ``new_groups`` must divide ``groups``; the result has shape ``[O, I/new_groups, *k]``.
+    """
+    w = exact(weight)
+    if groups == new_groups:
+        return w
+    if groups % new_groups:
+        raise ValueError(f"{new_groups} groups do not divide {groups}")
+    out_ch, in_per_group, *k = w.shape
+    out_per_group = out_ch // groups
+    merge = groups // new_groups
+    result = w.new_zeros(out_ch, in_per_group * merge, *k)
+    for g in range(groups):
+        j = g % merge  # position of this group inside its merged block
+        result[g * out_per_group : (g + 1) * out_per_group, j * in_per_group : (j + 1) * in_per_group] = w[
+            g * out_per_group : (g + 1) * out_per_group
+        ]
+    return result
+
+
+def sum_kernels(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The kernel of a sum of convs that share stride, padding alignment and groups: the sum of kernels."""
+    total = exact(weights[0]).clone()
+    for w in weights[1:]:
+        total += exact(w)
+    return total
+
+
+def identity_kernel(channels: int, in_per_group: int, kernel_size: Sequence[int]) -> torch.Tensor:
+    """The Dirac kernel of the identity map: ``W[o, o mod (I/g), center] = 1`` (REPARAM §4)."""
+    if any(k % 2 == 0 for k in kernel_size):
+        raise ValueError(f"an identity kernel needs odd sizes, not {tuple(kernel_size)}")
+    w = torch.zeros(channels, in_per_group, *kernel_size, dtype=torch.float64)
+    center = tuple(k // 2 for k in kernel_size)
+    o = torch.arange(channels)
+    w[(o, o % in_per_group, *center)] = 1.0
+    return w
+
+
+def compose_pointwise(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``outer(inner(x))`` where one of them is a 1x1 (or linear) map, groups 1 (REPARAM §6).
+
+    ``outer``: ``[O, M, *k_o]``, ``inner``: ``[M, I, *k_i]``; one of ``k_o``, ``k_i`` is all ones.
+    Linear weights ``[O, M]`` and ``[M, I]`` compose the same way.
+    """
+    v, u = exact(outer), exact(inner)
+    if all(k == 1 for k in v.shape[2:]):  # pointwise after kxk: mix the kxk's output channels
+        return torch.einsum("om,mi...->oi...", v.flatten(1) if v.dim() > 2 else v, u)
+    if all(k == 1 for k in u.shape[2:]):  # kxk after pointwise: mix the kxk's input channels
+        return torch.einsum("om...,mi->oi...", v, u.flatten(1) if u.dim() > 2 else u)
+    raise ValueError("compose_pointwise needs one pointwise (1x1) kernel")

@@ -1,0 +1,160 @@
+"""Finalize: turn the rewritten graph into a module that reads like a hand-written deployment model.
+
+Every conv and linear layer with stored weights becomes a plain ``nn.Conv2d``/``nn.Linear``
+(parametrizations evaluated), placed at the model's own path (``layer1.0.conv1``); common
+aten ops print as their torch functions; nothing the graph does not read is kept. The result
+is an ``fx.GraphModule`` whose ``print`` is a readable chain of layers, like the seed's DiracNet.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from . import ops
+from .graph import build_module, call_module, replace
+
+__all__ = ["Scope", "finalize"]
+
+aten = torch.ops.aten
+
+
+class Scope(nn.Module):
+    """A namespace in the folded model's tree: holds the layers of one original submodule."""
+
+
+def _readable_targets() -> dict[Any, Any]:
+    table: dict[Any, Any] = {}
+    for packet, overload, fn in [
+        ("relu", "default", torch.relu), ("sigmoid", "default", torch.sigmoid), ("tanh", "default", torch.tanh),
+        ("cat", "default", torch.cat), ("clamp", "default", torch.clamp), ("flatten", "using_ints", torch.flatten),
+        ("max_pool2d", "default", F.max_pool2d), ("avg_pool2d", "default", F.avg_pool2d),
+        ("adaptive_avg_pool2d", "default", F.adaptive_avg_pool2d), ("mean", "dim", torch.mean),
+        ("silu", "default", F.silu), ("gelu", "default", F.gelu), ("hardswish", "default", F.hardswish),
+        ("hardsigmoid", "default", F.hardsigmoid), ("hardtanh", "default", F.hardtanh), ("pad", "default", F.pad),
+        ("mul", "Tensor", operator.mul), ("add", "Tensor", operator.add), ("sub", "Tensor", operator.sub),
+    ]:
+        target = getattr(getattr(aten, packet, None), overload, None)
+        if target is not None:
+            table[target] = fn
+    return table
+
+
+_READABLE = _readable_targets()
+
+
+def _plain(mod: nn.Module) -> nn.Module:
+    """The module with its parametrizations evaluated into plain weights."""
+    if parametrize.is_parametrized(mod):
+        for name in list(mod.parametrizations):
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    return mod
+
+
+def _bn_module(bn: ops.BatchNorm, rank: int | None) -> nn.Module | None:
+    classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    if rank not in classes or bn.channels is None or (bn.weight is None) != (bn.bias is None):
+        return None
+    if bn.affine is None and bn.running_mean is not None:
+        return None  # a batch norm forced into training mode: keep the functional call
+    like = bn.running_mean if bn.running_mean is not None else bn.weight
+    mod = classes[rank](bn.channels, eps=bn.eps, affine=bn.weight is not None,
+                        track_running_stats=bn.running_mean is not None, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(bn, name)
+            if value is not None:
+                getattr(mod, name).copy_(value)
+    return mod.eval()
+
+
+def _layer_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """A plain module for a functional conv, linear or batch norm with stored tensors, else ``None``."""
+    if node.op != "call_function":
+        return None
+    layer = ops.weighted(gm, node)
+    if layer is not None:
+        return build_module(layer, layer.weight, layer.bias)
+    bn = ops.batch_norm(gm, node)
+    return _bn_module(bn, ops.rank(node)) if bn is not None else None
+
+
+class _Tree:
+    """The folded model's module tree under construction: places layers and tensors at readable paths."""
+
+    def __init__(self) -> None:
+        self.root = nn.Module()
+        self.placed: dict[int, str] = {}  # id of a placed object -> its path, so a shared layer stays one
+
+    def place(self, path: str, value: nn.Module | torch.Tensor) -> str:
+        if id(value) in self.placed:
+            return self.placed[id(value)]
+        parts = [p.replace("-", "_") or "_" for p in path.split(".")]
+        if not self._scopes_free(parts[:-1]):
+            parts = ["_".join(parts)]  # a prefix is a real layer: use a flat name
+        owner = self.root
+        for part in parts[:-1]:
+            if part not in owner._modules:
+                owner.add_module(part, Scope())
+            owner = owner._modules[part]
+        leaf, n = parts[-1], 0
+        while hasattr(owner, leaf):
+            n += 1
+            leaf = f"{parts[-1]}_{n}"
+        if isinstance(value, nn.Module):
+            owner.add_module(leaf, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
+        self.placed[id(value)] = ".".join([*parts[:-1], leaf])
+        return self.placed[id(value)]
+
+    def _scopes_free(self, scope: list[str]) -> bool:
+        owner = self.root
+        for part in scope:
+            child = owner._modules.get(part)
+            if child is None:
+                return not hasattr(owner, part)
+            if not isinstance(child, Scope):
+                return False
+            owner = child
+        return True
+
+
+def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphModule:
+    """A new ``GraphModule`` over ``gm``'s graph with plain layers at the model's paths and nothing unused."""
+    graph = gm.graph
+    tree = _Tree()
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            node.target = tree.place(ops.module_path(node), _plain(ops.fetch_attr(gm, node.target)))
+            continue
+        mod = _layer_module(gm, node)
+        if mod is not None:
+            spec = ops.weighted(gm, node) or ops.batch_norm(gm, node)
+            path = ops.module_path(node)
+            with graph.inserting_after(node):
+                new = call_module(graph, tree.place(path, mod), spec.input, path)
+            new.meta.update(node.meta)
+            replace(node, new)
+        elif node.op == "call_function" and node.target in _READABLE and "alpha" not in node.kwargs:
+            node.target = _READABLE[node.target]
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = ops.fetch_attr(gm, node.target)
+            if isinstance(value, (nn.Module, torch.Tensor)):
+                node.target = tree.place(str(node.target), value)
+            else:
+                name = str(node.target).replace(".", "_")
+                setattr(tree.root, name, value)
+                node.target = name
+    out = fx.GraphModule(tree.root, graph, class_name=class_name)
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    return out

@@ -1,0 +1,530 @@
+"""Op recognizers: one reading of every form a graph arrives in.
+
+A graph from ``torch.fx.symbolic_trace`` calls modules (``call_module`` on an
+``nn.Conv2d``), a Dynamo graph calls torch functions (``torch.conv2d``), and a
+``torch.export`` graph calls aten overloads (``aten.conv2d.default``,
+``aten.batch_norm.default``, ...). Each recognizer below takes a node in any of
+these forms and returns one normalized description, or ``None``; passes are
+written against these descriptions only.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import algebra
+
+aten = torch.ops.aten
+
+__all__ = [
+    "BatchNorm",
+    "Binary",
+    "ChannelAffine",
+    "Conv",
+    "Linear",
+    "batch_norm",
+    "binary",
+    "channel_affine",
+    "constant",
+    "conv",
+    "fetch_attr",
+    "linear",
+    "module_path",
+    "op_kind",
+    "rank",
+    "weighted",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _overloads(name: str, *overloads: str) -> list[Any]:
+    """The aten overloads that exist in this torch version (names move between releases)."""
+    packet = getattr(aten, name, None)
+    return [getattr(packet, o) for o in overloads if packet is not None and hasattr(packet, o)]
+
+
+def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The node's arguments by name, defaults filled in: positional and keyword forms read alike."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def fetch_attr(gm: nn.Module, target: str) -> Any:
+    """The object at a dotted attribute path of ``gm``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """The value of ``arg`` if it is known before the forward runs (a stored tensor or a number)."""
+    if isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            value = fetch_attr(gm, arg.target)
+            return value if isinstance(value, torch.Tensor) else None
+        return None
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        return None
+    return torch.tensor(float(arg), dtype=torch.float64)
+
+
+def rank(node: fx.Node) -> int | None:
+    """The number of dims of a node's tensor value, where capture recorded it."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+_STACK_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+_INDEX = re.compile(r"\[(\d+)\]|\[['\"]([^'\"]+)['\"]\]")
+
+
+def _clean_path(path: str) -> str:
+    path = _STACK_PREFIX.sub("", path)
+    path = _INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
+    path = re.sub(r"\._modules\.|\.modules\.", ".", path)
+    return re.sub(r"@\d+$", "", path).strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """The model's own name for where a node came from (``layer1.0.bn1``), for names and messages."""
+    if "fxreparam_path" in node.meta:
+        return node.meta["fxreparam_path"]
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = _clean_path(str(list(stack.values())[-1][0]))
+        if path:
+            return path
+    return node.name
+
+
+def _tuple(value: Any, dims: int) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) if len(value) == dims else tuple(int(value[0]) for _ in range(dims))
+    return (int(value),) * dims
+
+
+# ----------------------------------------------------------------------------- conv and linear
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A convolution with stored weights: ``conv(input; weight, bias, stride, padding, ...)``."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
+    name: str = ""
+
+    @property
+    def dims(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``input @ weight.T + bias`` with stored weights."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    name: str = ""
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
+
+
+_CONV = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+         {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+_CONV_T = (("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+           {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1})
+_CONVOLUTION = (("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+                {})
+
+_CONV_TARGETS: dict[Any, tuple[tuple[str, ...], dict[str, Any], bool | None]] = {}
+for _fn in (torch.conv1d, torch.conv2d, torch.conv3d,
+            *_overloads("conv1d", "default", "padding"), *_overloads("conv2d", "default", "padding"),
+            *_overloads("conv3d", "default", "padding")):
+    _CONV_TARGETS[_fn] = (*_CONV, False)
+for _fn in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+            *_overloads("conv_transpose1d", "default"), *_overloads("conv_transpose2d", "input"),
+            *_overloads("conv_transpose3d", "input")):
+    _CONV_TARGETS[_fn] = (*_CONV_T, True)
+for _fn in (torch.convolution, *_overloads("convolution", "default"), *_overloads("_convolution", "default")):
+    _CONV_TARGETS[_fn] = (*_CONVOLUTION, None)
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _string_padding(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``'valid'`` and ``'same'`` as explicit padding; ``None`` where 'same' pads unevenly."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+def conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
+    """Recognize a convolution whose weight and bias are stored constants."""
+    if node.op == "call_module":
+        mod = fetch_attr(gm, node.target)
+        if not isinstance(mod, _CONV_MODULES) or len(node.args) != 1 or node.kwargs:
+            return None
+        transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
+        dims = mod.weight.dim() - 2
+        padding = mod.padding
+        if isinstance(padding, str):
+            padding = _string_padding(padding, tuple(mod.kernel_size), tuple(mod.dilation))
+            if padding is None:
+                return None
+        return Conv(node, node.args[0], mod.weight, mod.bias, _tuple(mod.stride, dims), _tuple(padding, dims),
+                    _tuple(mod.dilation, dims), mod.groups, transposed,
+                    _tuple(mod.output_padding, dims) if transposed else (), mod.padding_mode, module_path(node))
+    if node.op != "call_function" or node.target not in _CONV_TARGETS:
+        return None
+    names, defaults, transposed = _CONV_TARGETS[node.target]
+    a = _bind(node, names, defaults)
+    weight = constant(gm, a["weight"])
+    bias = constant(gm, a["bias"]) if a["bias"] is not None else None
+    if weight is None or (a["bias"] is not None and bias is None) or not isinstance(a["input"], fx.Node):
+        return None
+    if weight.dim() < 3:
+        return None
+    transposed = bool(a["transposed"]) if transposed is None else transposed
+    dims = weight.dim() - 2
+    dilation = _tuple(a["dilation"], dims)
+    padding = a["padding"]
+    if isinstance(padding, str):
+        padding = _string_padding(padding, tuple(weight.shape[2:]), dilation)
+        if padding is None:
+            return None
+    out_pad = _tuple(a.get("output_padding", 0), dims) if transposed else ()
+    return Conv(node, a["input"], weight, bias, _tuple(a["stride"], dims), _tuple(padding, dims), dilation,
+                int(a["groups"]), transposed, out_pad, "zeros", module_path(node))
+
+
+_LINEAR_TARGETS = {F.linear, *_overloads("linear", "default")}
+
+
+def linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
+    """Recognize a linear layer whose weight and bias are stored constants."""
+    if node.op == "call_module":
+        mod = fetch_attr(gm, node.target)
+        if not isinstance(mod, nn.Linear) or len(node.args) != 1 or node.kwargs:
+            return None
+        return Linear(node, node.args[0], mod.weight, mod.bias, module_path(node))
+    if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+        return None
+    a = _bind(node, ("input", "weight", "bias"), {"bias": None})
+    weight = constant(gm, a["weight"])
+    bias = constant(gm, a["bias"]) if a["bias"] is not None else None
+    if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
+        return None
+    if not isinstance(a["input"], fx.Node):
+        return None
+    return Linear(node, a["input"], weight, bias, module_path(node))
+
+
+def weighted(gm: fx.GraphModule, node: fx.Node) -> Conv | Linear | None:
+    """A conv or a linear layer: the ops whose output channels a per-channel affine folds into."""
+    return conv(gm, node) or linear(gm, node)
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """A batch norm. ``affine`` is its inference map, or ``None`` with ``why_not`` when it has none."""
+
+    node: fx.Node
+    input: fx.Node
+    affine: algebra.Affine | None
+    why_not: str | None
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    name: str = ""
+
+    @property
+    def channels(self) -> int | None:
+        for t in (self.running_mean, self.weight):
+            if t is not None:
+                return t.numel()
+        return None
+
+
+_BN_FUNCTIONAL = (("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                  {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                   "momentum": 0.1, "eps": 1e-5})
+_BN_ATEN = (("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+             "cudnn_enabled"), {})
+_BN_NO_TRAINING = (("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"), {"training": False})
+_BN_NO_STATS = (("input", "weight", "bias", "training", "momentum", "eps"),
+                {"running_mean": None, "running_var": None})
+
+# Targets returning the output itself, and targets returning a tuple whose item 0 is the output.
+_BN_TARGETS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
+    F.batch_norm: _BN_FUNCTIONAL,
+    torch.batch_norm: _BN_ATEN,
+    **{t: _BN_ATEN for t in _overloads("batch_norm", "default")},
+}
+_BN_TUPLE_TARGETS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
+    **{t: _BN_NO_TRAINING for t in _overloads("_native_batch_norm_legit_no_training", "default")},
+    **{t: _BN_NO_STATS for t in _overloads("_native_batch_norm_legit", "no_stats")},
+    **{t: (_BN_ATEN[0][:-1], {}) for t in _overloads("native_batch_norm", "default")},
+}
+
+
+def _bn_from_module(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
+    mod = fetch_attr(gm, node.target)
+    if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or len(node.args) != 1:
+        return None
+    training = mod.training or mod.running_mean is None
+    return _bn(node, node.args[0], mod.weight, mod.bias, mod.running_mean, mod.running_var, training, mod.eps)
+
+
+def _bn(node, input, weight, bias, mean, var, training, eps) -> BatchNorm:
+    why = None
+    if mean is None or var is None:
+        why = "it has no running statistics (track_running_stats=False): it normalizes with batch statistics"
+    elif training:
+        why = "it runs in training mode: it normalizes with batch statistics"
+    affine = None if why else algebra.bn_to_affine(mean, var, weight, bias, eps)
+    return BatchNorm(node, input, affine, why, float(eps), weight, bias, mean, var, module_path(node))
+
+
+def batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
+    """Recognize a batch norm in any form; ``node`` is the one whose value is its output."""
+    if node.op == "call_module":
+        return _bn_from_module(gm, node)
+    if node.op != "call_function":
+        return None
+    src = node
+    if node.target is operator.getitem:
+        src, index = node.args
+        if index != 0 or not isinstance(src, fx.Node) or src.target not in _BN_TUPLE_TARGETS:
+            return None
+        names, defaults = _BN_TUPLE_TARGETS[src.target]
+    elif node.target in _BN_TARGETS:
+        names, defaults = _BN_TARGETS[node.target]
+    else:
+        return None
+    a = _bind(src, names, defaults)
+    if not isinstance(a["input"], fx.Node):
+        return None
+    tensors = {}
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        tensors[key] = constant(gm, a[key]) if a.get(key) is not None else None
+        if a.get(key) is not None and tensors[key] is None:
+            return None  # statistics computed in the graph: not a stored-constant batch norm
+    return _bn(node, a["input"], tensors["weight"], tensors["bias"], tensors["running_mean"],
+               tensors["running_var"], bool(a.get("training", False)), a.get("eps", 1e-5))
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+@dataclass(frozen=True)
+class Binary:
+    """An elementwise ``lhs <op> rhs`` with op one of add, sub, mul, div (``alpha`` scales rhs of add/sub)."""
+
+    node: fx.Node
+    op: str
+    lhs: Any
+    rhs: Any
+    alpha: float = 1.0
+    inplace: bool = False  # ``lhs`` is overwritten with the result (``x += y``, ``aten.add_``)
+
+
+_BINARY_OPS: dict[Any, str] = {
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+}
+_INPLACE_OPS: dict[Any, str] = {
+    operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "div",
+}
+_BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
+_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+for _op in ("add", "sub", "mul", "div"):
+    for _t in _overloads(_op, "Tensor", "Scalar"):
+        _BINARY_OPS[_t] = _op
+    for _t in _overloads(_op + "_", "Tensor", "Scalar"):
+        _INPLACE_OPS[_t] = _op
+
+
+def binary(node: fx.Node) -> Binary | None:
+    """Recognize an elementwise add, sub, mul or true division, out of place or in place."""
+    inplace = False
+    if node.op == "call_function" and node.target in _BINARY_OPS:
+        op = _BINARY_OPS[node.target]
+    elif node.op == "call_function" and node.target in _INPLACE_OPS:
+        op, inplace = _INPLACE_OPS[node.target], True
+    elif node.op == "call_method" and node.target in _BINARY_METHODS:
+        op = _BINARY_METHODS[node.target]
+    elif node.op == "call_method" and node.target in _INPLACE_METHODS:
+        op, inplace = _INPLACE_METHODS[node.target], True
+    else:
+        return None
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    if (op in ("mul", "div") and "alpha" in node.kwargs) or isinstance(alpha, fx.Node):
+        return None
+    return Binary(node, op, node.args[0], node.args[1], float(alpha), inplace)
+
+
+# ----------------------------------------------------------------------------- per-channel affine maps
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """``scale * input + shift`` with stored constants: a batch norm, or add/sub/mul/div by a constant.
+
+    A batch norm's ``scale``/``shift`` are vectors over dim 1; an arithmetic op's are the raw
+    broadcast constants, read along a given channel dim by :meth:`vectors`.
+    """
+
+    node: fx.Node
+    input: fx.Node
+    scale: torch.Tensor
+    shift: torch.Tensor
+    on_dim1: bool
+    kind: str
+    name: str = ""
+    dtype: torch.dtype | None = None  # the stored constant's dtype where it takes part in type promotion
+
+    def vectors(self, channels: int, ndim: int, channel_dim: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """Scale and shift as ``[channels]`` vectors over ``channel_dim``, or why they are not."""
+        if self.on_dim1:
+            if channel_dim != 1 or ndim < 2:
+                return f"the {self.kind} normalizes dim 1, and the channels are dim {channel_dim} of {ndim}"
+            if self.scale.numel() != channels:
+                return f"the {self.kind} has {self.scale.numel()} channels, the tensor {channels}"
+            return self.scale, self.shift
+        if self.dtype is not None and self.dtype != dtype and self.dtype.is_floating_point:
+            return f"the constant's dtype {self.dtype} would change the result's {dtype}"
+        out = []
+        for t in (self.scale, self.shift):
+            if t.dim() > ndim:
+                return f"the constant of shape {tuple(t.shape)} broadcasts the {ndim}-d tensor up"
+            shape = [1] * (ndim - t.dim()) + list(t.shape)
+            if any(s != 1 for d, s in enumerate(shape) if d != channel_dim) or shape[channel_dim] not in (1, channels):
+                return f"the constant of shape {tuple(t.shape)} is not per-channel along dim {channel_dim}"
+            out.append(t.reshape(-1).expand(channels))
+        return out[0], out[1]
+
+
+def channel_affine(gm: fx.GraphModule, node: fx.Node) -> ChannelAffine | None:
+    """Recognize a per-channel affine map: an inference batch norm, or arithmetic with one constant operand."""
+    bn = batch_norm(gm, node)
+    if bn is not None:
+        if bn.affine is None:
+            return None
+        return ChannelAffine(node, bn.input, bn.affine[0], bn.affine[1], True, "batch norm", bn.name)
+    b = binary(node)
+    if b is None or b.inplace:
+        return None
+    lhs_c, rhs_c = constant(gm, b.lhs), constant(gm, b.rhs)
+    if (lhs_c is None) == (rhs_c is None):
+        return None
+    x, c = (b.rhs, lhs_c) if lhs_c is not None else (b.lhs, rhs_c)
+    if not isinstance(x, fx.Node) or c.is_complex():
+        return None
+    raw_dtype = c.dtype if c.dim() > 0 else None  # a 0-d constant never promotes the tensor's dtype
+    c = c.detach().to(torch.float64)
+    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    x_first = lhs_c is None
+    if b.op == "mul":
+        scale, shift = c, zero
+    elif b.op == "div":
+        if not x_first:
+            return None  # c / x is not affine
+        scale, shift = 1.0 / c, zero
+    elif b.op == "add":
+        scale, shift = one, c * b.alpha if x_first else c
+        if not x_first and b.alpha != 1.0:
+            return None  # c + alpha * x: leave it
+    else:  # sub
+        scale, shift = (one, -c * b.alpha) if x_first else (-one * b.alpha, c)
+    return ChannelAffine(node, x, scale, shift, False, b.op, module_path(node), raw_dtype)
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``"conv"``, ``"linear"``, ``"batch_norm"``, ``"add_sub"`` or ``"mul_div"`` by the op alone, whatever
+    its weights are (computed in the graph or stored); ``None`` for anything else. Used to count work."""
+    if node.op == "call_module":
+        mod = fetch_attr(gm, node.target)
+        for kind, classes in (("conv", _CONV_MODULES), ("linear", nn.Linear),
+                              ("batch_norm", nn.modules.batchnorm._BatchNorm)):
+            if isinstance(mod, classes):
+                return kind
+        return None
+    if node.op == "call_function":
+        if node.target in _CONV_TARGETS:
+            return "conv"
+        if node.target in _LINEAR_TARGETS:
+            return "linear"
+        if node.target in _BN_TARGETS or (
+            node.target is operator.getitem and node.args[1] == 0
+            and getattr(node.args[0], "target", None) in _BN_TUPLE_TARGETS
+        ):
+            return "batch_norm"
+    b = binary(node)
+    if b is not None:
+        return "add_sub" if b.op in ("add", "sub") else "mul_div"
+    return None
+
+
+def users_other_than(node: fx.Node, allowed: Iterable[fx.Node]) -> list[fx.Node]:
+    """The consumers of ``node`` outside ``allowed``."""
+    allowed = set(allowed)
+    return [u for u in node.users if u not in allowed]
+

@@ -1,0 +1,127 @@
+"""The optimization report: what ran, what folded, what was refused and why, and how close the result is."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from . import ops
+from .manager import PassStat
+from .registry import Refusal
+from .verify import Verification
+
+__all__ = ["OpCounts", "Report", "count_ops", "report"]
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Ops in a graph by kind (each call once), and the number of stored parameter and buffer elements."""
+
+    conv: int
+    linear: int
+    batch_norm: int
+    add_sub: int
+    mul_div: int
+    other: int
+    parameters: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def count_ops(gm: fx.GraphModule) -> OpCounts:
+    """Count the conv, linear, batch-norm and arithmetic ops of ``gm`` through the recognizers."""
+    counts: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        kind = ops.op_kind(gm, node)
+        if kind is not None:
+            counts[kind] += 1
+        elif not _is_bookkeeping(node) and not _is_tuple_tail(node):
+            counts["other"] += 1
+    seen: set[int] = set()
+    numel = 0
+    for t in [*gm.parameters(), *gm.buffers()]:
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            numel += t.numel()
+    return OpCounts(counts["conv"], counts["linear"], counts["batch_norm"], counts["add_sub"], counts["mul_div"],
+                    counts["other"], numel)
+
+
+def _is_tuple_tail(node: fx.Node) -> bool:
+    """A tuple-returning op whose item 0 is counted instead (aten's native batch norm)."""
+    return any(ops.op_kind(node.graph.owning_module, u) for u in node.users if u.target is operator.getitem)
+
+
+def _is_bookkeeping(node: fx.Node) -> bool:
+    """getitem on a tuple, shape queries and similar: no work at run time."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return name in ("getitem", "getattr", "size", "sym_size", "dim") or name.startswith("sym_size")
+
+
+@dataclass
+class Report:
+    """What :func:`fxreparam.optimize` did. ``print(report)`` shows it as tables."""
+
+    model: str
+    capture: str
+    capture_seconds: float
+    optimize_seconds: float
+    passes: list[PassStat]
+    refusals: list[Refusal]
+    before: OpCounts
+    after: OpCounts
+    verification: Verification | None
+    verification_note: str = ""
+    rounds: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewrites(self) -> dict[str, int]:
+        return {p.name: p.rewrites for p in self.passes}
+
+    def __str__(self) -> str:
+        lines = [f"fxreparam report for {self.model}",
+                 f"captured with {self.capture} in {self.capture_seconds:.2f} s; passes and checks "
+                 f"took {self.optimize_seconds:.2f} s ({self.rounds} rounds to a fixpoint)", ""]
+        lines += _table(["pass", "rewrites", "runs", "seconds"],
+                        [[p.name, p.rewrites, p.runs, f"{p.seconds:.3f}"] for p in self.passes])
+        lines.append("")
+        keys = list(self.before.as_dict())
+        lines += _table(["ops", "before", "after"],
+                        [[k.replace("_", "/" if k in ("add_sub", "mul_div") else "_"), self.before.as_dict()[k],
+                          self.after.as_dict()[k]] for k in keys])
+        lines.append("")
+        if self.refusals:
+            lines.append(f"refused ({len(self.refusals)}):")
+            lines += _table(["pass", "reason"], [[r.pass_name, r.reason] for r in self.refusals])
+        else:
+            lines.append("refused: nothing")
+        lines.append("")
+        lines.append(f"verification: {self.verification if self.verification else self.verification_note}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 or not c.replace(".", "").isdigit() else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [fmt(cells[0]), fmt(["-" * w for w in widths]), *[fmt(r) for r in cells[1:]]]
+
+
+def report(model: nn.Module) -> Report:
+    """The report of a module returned by :func:`fxreparam.optimize`."""
+    found = getattr(model, "fxreparam_report", None)
+    if not isinstance(found, Report):
+        raise ValueError(f"{type(model).__name__} was not returned by fxreparam.optimize: it carries no report")
+    return found

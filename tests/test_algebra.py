@@ -1,0 +1,124 @@
+"""Each kernel-algebra function against torch.nn.functional on random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxreparam import algebra
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a.double(), b.double(), rtol=1e-10, atol=1e-10)
+
+
+def test_bn_to_affine_matches_batch_norm():
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    mean, var = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.1
+    gamma, beta = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a, c = algebra.bn_to_affine(mean, var, gamma, beta, 1e-3)
+    expected = F.batch_norm(x, mean, var, gamma, beta, training=False, eps=1e-3)
+    assert close(a.view(1, -1, 1, 1) * x + c.view(1, -1, 1, 1), expected)
+    a, c = algebra.bn_to_affine(mean, var, None, None, 1e-5)  # affine=False
+    assert close(a.view(1, -1, 1, 1) * x + c.view(1, -1, 1, 1), F.batch_norm(x, mean, var, training=False))
+
+
+def test_affine_after_affine_composes():
+    x = torch.randn(7, dtype=torch.float64)
+    f, g = (torch.randn(7).double(), torch.randn(7).double()), (torch.randn(7).double(), torch.randn(7).double())
+    a, c = algebra.affine_after_affine(f, g)
+    assert close(a * x + c, g[0] * (f[0] * x + f[1]) + g[1])
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_scale_output_channels(dims, groups):
+    x = torch.randn(2, 8, *[6] * dims, dtype=torch.float64)
+    w = torch.randn(12, 8 // groups, *[3] * dims, dtype=torch.float64)
+    s = torch.randn(12, dtype=torch.float64)
+    y = CONV[dims](x, algebra.scale_output_channels(w, s), groups=groups)
+    assert close(y, CONV[dims](x, w, groups=groups) * s.view(1, -1, *[1] * dims))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_scale_output_channels_transposed(groups):
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64)  # [I, O/g, k, k]
+    out_ch = 3 * groups
+    s = torch.randn(out_ch, dtype=torch.float64)
+    scaled = algebra.scale_output_channels(w, s, groups=groups, transposed=True)
+    y = F.conv_transpose2d(x, scaled, groups=groups, stride=2)
+    assert close(y, F.conv_transpose2d(x, w, groups=groups, stride=2) * s.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_scale_input_channels_and_shift_through_kernel(groups):
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    w = torch.randn(4 * groups, 8 // groups, 3, 3, dtype=torch.float64)
+    s, c = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    affine_x = x * s.view(1, -1, 1, 1) + c.view(1, -1, 1, 1)
+    expected = F.conv2d(affine_x, w, groups=groups)  # padding 0: every tap reads real input
+    w2 = algebra.scale_input_channels(w, s, groups=groups)
+    b2 = algebra.shift_through_kernel(w, c, groups=groups)
+    assert close(F.conv2d(x, w2, b2, groups=groups), expected)
+
+
+def test_shift_through_linear_kernel():
+    x = torch.randn(5, 6, dtype=torch.float64)
+    w, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    assert close(F.linear(x, w, algebra.shift_through_kernel(w, c)), F.linear(x + c, w))
+
+
+def test_center_pad_aligns_centers():
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    w1 = torch.randn(5, 4, 1, 3, dtype=torch.float64)
+    padded = algebra.center_pad(w1, (3, 3))
+    assert padded.shape == (5, 4, 3, 3)
+    assert close(F.conv2d(x, padded, padding=1), F.conv2d(x, w1, padding=(0, 1)))
+    with pytest.raises(ValueError):
+        algebra.center_pad(torch.randn(1, 1, 2, 2), (3, 3))
+
+
+@pytest.mark.parametrize(("groups", "new_groups"), [(4, 1), (4, 2), (8, 8)])
+def test_regroup(groups, new_groups):
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    w = torch.randn(8, 8 // groups, 3, 3, dtype=torch.float64)
+    assert close(F.conv2d(x, algebra.regroup(w, groups, new_groups), groups=new_groups), F.conv2d(x, w, groups=groups))
+
+
+def test_sum_kernels():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    ws = [torch.randn(4, 3, 3, 3, dtype=torch.float64) for _ in range(3)]
+    assert close(F.conv2d(x, algebra.sum_kernels(ws)), sum(F.conv2d(x, w) for w in ws))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("k", [(1, 1), (3, 3), (5, 3)])
+def test_identity_kernel(groups, k):
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    w = algebra.identity_kernel(6, 6 // groups, k)
+    assert close(F.conv2d(x, w, groups=groups, padding=(k[0] // 2, k[1] // 2)), x)
+
+
+def test_identity_kernel_refuses_even_sizes():
+    with pytest.raises(ValueError):
+        algebra.identity_kernel(4, 4, (2, 2))
+
+
+def test_compose_pointwise_both_orders():
+    x = torch.randn(2, 5, 8, 8, dtype=torch.float64)
+    kxk = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    pw_after = torch.randn(4, 6, 1, 1, dtype=torch.float64)
+    assert close(F.conv2d(x, algebra.compose_pointwise(pw_after, kxk)), F.conv2d(F.conv2d(x, kxk), pw_after))
+    pw_before = torch.randn(7, 5, 1, 1, dtype=torch.float64)
+    kxk2 = torch.randn(3, 7, 3, 3, dtype=torch.float64)
+    assert close(F.conv2d(x, algebra.compose_pointwise(kxk2, pw_before)), F.conv2d(F.conv2d(x, pw_before), kxk2))
+
+
+def test_cast_like_rounds_once_to_the_model_dtype():
+    w = torch.randn(3, 3, dtype=torch.float16)
+    out = algebra.cast_like(algebra.exact(w) * 2, w)
+    assert out.dtype == torch.float16 and torch.equal(out, w * 2)

@@ -1,0 +1,68 @@
+"""dirac: parameter-only subgraphs (Dirac, weight norm, parametrize) evaluated once into plain weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import count_kind, fold
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import fxreparam
+from fxreparam.demo import DiracConv2d, DiracNet
+
+
+@pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
+def test_dirac_conv_then_bn_becomes_one_conv(capture):
+    model = nn.Sequential(DiracConv2d(6, 6), nn.BatchNorm2d(6))
+    folded = fold(model, torch.randn(2, 6, 8, 8), capture=capture)
+    rep = fxreparam.report(folded)
+    assert rep.rewrites["dirac"] >= 1 and rep.after.batch_norm == 0
+    assert rep.after.conv == 1 and rep.after.mul_div == 0 and rep.after.add_sub == 0
+    assert count_kind(folded, nn.Conv2d) == 1
+
+
+def test_diracnet18_folds_to_a_plain_chain():
+    model = DiracNet(depth=18, width=0.25, num_classes=10)
+    folded = fold(model, torch.randn(1, 3, 64, 64))
+    rep = fxreparam.report(folded)
+    assert rep.after.batch_norm == 0 and rep.after.add_sub == 0 and rep.after.mul_div == 0
+    assert rep.after.conv == 17 and count_kind(folded, nn.Conv2d) == 17
+    assert "Conv2d(32, 16, kernel_size=(3, 3)" in str(folded)
+
+
+@pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
+def test_weight_norm_parametrization(capture):
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
+    folded = fold(model, torch.randn(2, 3, 6, 6), capture=capture)
+    assert fxreparam.report(folded).after.batch_norm == 0
+    assert not any(parametrize.is_parametrized(m) for m in folded.modules())
+    assert not any("original" in name for name, _ in folded.named_parameters())
+
+
+def test_custom_parametrization_is_evaluated():
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return (w + w.transpose(-1, -2)) / 2
+
+    conv = nn.Conv2d(3, 3, 3)
+    parametrize.register_parametrization(conv, "weight", Symmetric())
+    folded = fold(nn.Sequential(conv, nn.BatchNorm2d(3)), torch.randn(2, 3, 6, 6))
+    w = dict(folded.named_parameters())
+    assert len([k for k in w if k.endswith("weight")]) == 1
+
+
+def test_random_weights_are_not_frozen():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w + 0 * torch.randn(4, 3, 3, 3))
+
+    model = Noisy().eval()
+    folded = fxreparam.optimize(model, torch.randn(1, 3, 5, 5), capture="export")
+    assert fxreparam.report(folded).rewrites["dirac"] == 0
+    assert "randn" in folded.code
