@@ -53,7 +53,7 @@ class DiracBlock(nn.Module):
 
 
 class DiracNet(nn.Module):
-    """DiracNet-``depth``-``width``: a stem, four groups of (depth - 2) / 4 Dirac blocks, a classifier.
+    """DiracNet-``depth``-``width``: a stem, four groups sharing depth - 2 Dirac blocks, a classifier.
 
     ``depth`` counts the conv and linear layers; group widths are 64, 128, 256, 512 times ``width``.
     """
@@ -61,9 +61,9 @@ class DiracNet(nn.Module):
     def __init__(self, depth: int = 18, width: float = 0.75, num_classes: int = 1000, in_channels: int = 3,
                  groups: int = 4) -> None:
         super().__init__()
-        if depth < 2 + groups or (depth - 2) % groups:
-            raise ValueError(f"depth - 2 must be a positive multiple of {groups}, got depth={depth}")
-        per_group = (depth - 2) // groups
+        if depth < 2 + groups:
+            raise ValueError(f"depth must be at least {2 + groups} (a stem, a block per group, a classifier)")
+        blocks_in = [(depth - 2) // groups + (g < (depth - 2) % groups) for g in range(groups)]
         widths = [max(1, round(64 * width * 2**g)) for g in range(groups)]
         self.conv = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
         self.bn = nn.BatchNorm2d(widths[0])
@@ -74,7 +74,7 @@ class DiracNet(nn.Module):
             if g:
                 stages.append(nn.MaxPool2d(2))
             blocks = []
-            for _ in range(per_group):
+            for _ in range(blocks_in[g]):
                 blocks.append(DiracBlock(channels, w))
                 channels = w
             stages.append(nn.Sequential(*blocks))
