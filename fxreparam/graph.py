@@ -14,9 +14,9 @@ import torch
 from torch import fx, nn
 
 from . import algebra
-from .ops import Conv, Linear, module_path
+from .ops import Conv, Linear, binary, module_path
 
-__all__ = ["build_module", "call_module", "emit", "erase_dead", "live_nodes", "replace"]
+__all__ = ["build_module", "call_module", "emit", "erase_dead", "insert_layer", "live_nodes", "replace"]
 
 _CONV_CLASSES = {
     (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -27,12 +27,12 @@ FOLDED_PREFIX = "_fxreparam_"
 
 def build_module(spec: Conv | Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A plain ``nn.ConvNd``/``nn.ConvTransposeNd``/``nn.Linear`` holding ``weight`` and ``bias`` (no init work)."""
-    like = spec.weight
+    like = spec.weight  # the model's dtype and device
     kw: dict[str, Any] = {"bias": bias is not None, "device": like.device, "dtype": like.dtype}
     if isinstance(spec, Linear):
         mod = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], **kw)
     else:
-        cls = _CONV_CLASSES[(spec.dims, spec.transposed)]
+        cls = _CONV_CLASSES[(weight.dim() - 2, spec.transposed)]
         extra = {"output_padding": spec.output_padding} if spec.transposed else {"padding_mode": spec.padding_mode}
         out_ch = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
         in_ch = weight.shape[0] if spec.transposed else weight.shape[1] * spec.groups
@@ -52,19 +52,25 @@ def _fresh_name(gm: fx.GraphModule) -> str:
     return f"{FOLDED_PREFIX}{counter}"
 
 
-def emit(gm: fx.GraphModule, spec: Conv | Linear, weight: torch.Tensor, bias: torch.Tensor | None,
-         input: fx.Node, replaces: fx.Node, *, name: str | None = None) -> fx.Node:
-    """Replace ``replaces`` by a new layer like ``spec`` with the given kernel, reading ``input``.
+def insert_layer(gm: fx.GraphModule, spec: Conv | Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+                 input: fx.Node, *, before: fx.Node, name: str | None = None) -> fx.Node:
+    """A new layer like ``spec`` with the given kernel, reading ``input``, placed just before ``before``.
 
-    The new node goes right after ``replaces`` (its input comes earlier, its consumers later),
-    carries ``replaces``' metadata and the path ``name`` (default: ``spec``'s) for the final module tree.
+    It carries ``before``'s metadata and the path ``name`` (default: ``spec``'s) for the final module tree.
     """
     target = _shared_target(gm, spec, weight, bias)
     path = name or spec.name or module_path(spec.node)
-    with gm.graph.inserting_after(replaces):
+    with gm.graph.inserting_before(before):
         new = call_module(gm.graph, target, input, path)
-    new.meta.update(replaces.meta)
+    new.meta.update(before.meta)
     new.meta["fxreparam_path"] = path
+    return new
+
+
+def emit(gm: fx.GraphModule, spec: Conv | Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+         input: fx.Node, replaces: fx.Node, *, name: str | None = None) -> fx.Node:
+    """Replace ``replaces`` by a new layer like ``spec`` with the given kernel, reading ``input``."""
+    new = insert_layer(gm, spec, weight, bias, input, before=replaces, name=name)
     replace(replaces, new)
     return new
 
@@ -107,13 +113,21 @@ def replace(old: fx.Node, new: fx.Node) -> None:
     erase_dead(old)
 
 
+def _removable(node: fx.Node) -> bool:
+    """Pure, or an in-place op whose mutated input nothing else reads (``out += y`` on a fresh ``out``)."""
+    if not node.is_impure():
+        return True
+    b = binary(node)
+    return b is not None and b.inplace and isinstance(b.lhs, fx.Node) and set(b.lhs.users) == {node}
+
+
 def erase_dead(node: fx.Node) -> int:
     """Erase ``node`` if nothing reads it, then its producers that become unread; returns how many went."""
     gone: set[fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in gone or n.users or n.op in ("placeholder", "output") or n.is_impure():
+        if n in gone or n.users or n.op in ("placeholder", "output") or not _removable(n):
             continue
         inputs = n.all_input_nodes
         n.graph.erase_node(n)

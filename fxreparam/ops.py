@@ -33,6 +33,7 @@ __all__ = [
     "batch_norm",
     "binary",
     "channel_affine",
+    "concrete_shape",
     "constant",
     "conv",
     "fetch_attr",
@@ -89,6 +90,21 @@ def rank(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return len(shape) if shape is not None else None
+
+
+def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """A node's shape at capture, symbolic sizes (a dynamic batch) replaced by their example values."""
+    val = node.meta.get("val")
+    shape = val.shape if isinstance(val, torch.Tensor) else getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        hint = d.node.hint if isinstance(d, torch.SymInt) else d
+        if not isinstance(hint, int):
+            return None
+        out.append(int(hint))
+    return tuple(out)
 
 
 _STACK_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
@@ -495,6 +511,94 @@ def channel_affine(gm: fx.GraphModule, node: fx.Node) -> ChannelAffine | None:
     else:  # sub
         scale, shift = (one, -c * b.alpha) if x_first else (-one * b.alpha, c)
     return ChannelAffine(node, x, scale, shift, False, b.op, module_path(node), raw_dtype)
+
+
+# ----------------------------------------------------------------------------- pooling and padding
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """``avg_pool{1,2,3}d(input, kernel, stride, padding, ...)``; ``exact_as_conv`` says whether it is a conv."""
+
+    node: fx.Node
+    input: fx.Node
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: int | None
+    name: str = ""
+
+    @property
+    def why_not_conv(self) -> str | None:
+        """Why this pooling is not a depthwise conv with weight 1/k (REPARAM §7), or ``None`` when it is."""
+        if self.ceil_mode:
+            return "ceil_mode=True averages partial windows"
+        if self.divisor_override:
+            return "divisor_override changes the weights"
+        if any(self.padding) and not self.count_include_pad:
+            return "count_include_pad=False divides border windows by fewer taps"
+        return None
+
+
+_POOL_ARGS = (("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+              {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
+_POOL_TARGETS: dict[Any, int] = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+for _dims in (1, 2, 3):
+    for _t in _overloads(f"avg_pool{_dims}d", "default"):
+        _POOL_TARGETS[_t] = _dims
+_POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+
+
+def avg_pool(gm: fx.GraphModule, node: fx.Node) -> AvgPool | None:
+    """Recognize an average pooling with a fixed window."""
+    if node.op == "call_module":
+        mod = fetch_attr(gm, node.target)
+        dims = _POOL_MODULES.get(type(mod))
+        if dims is None or len(node.args) != 1:
+            return None
+        a = {"input": node.args[0], "kernel_size": mod.kernel_size, "stride": mod.stride, "padding": mod.padding,
+             "ceil_mode": mod.ceil_mode, "count_include_pad": mod.count_include_pad,
+             "divisor_override": getattr(mod, "divisor_override", None)}
+    elif node.op == "call_function" and node.target in _POOL_TARGETS:
+        dims = _POOL_TARGETS[node.target]
+        a = _bind(node, *_POOL_ARGS)
+    else:
+        return None
+    if not isinstance(a["input"], fx.Node):
+        return None
+    kernel = _tuple(a["kernel_size"], dims)
+    stride = kernel if a["stride"] in (None, [], ()) else _tuple(a["stride"], dims)
+    return AvgPool(node, a["input"], kernel, stride, _tuple(a["padding"], dims), bool(a["ceil_mode"]),
+                   bool(a["count_include_pad"]), a["divisor_override"], module_path(node))
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Constant padding of the trailing dims: ``pads`` as in ``F.pad`` (last dim first), fill ``value``."""
+
+    node: fx.Node
+    input: fx.Node
+    pads: tuple[int, ...]
+    value: float
+
+
+_PAD_TARGETS = {F.pad: ("input", "pad", "mode", "value"), torch.constant_pad_nd: ("input", "pad", "value")}
+for _t in _overloads("pad", "default"):
+    _PAD_TARGETS[_t] = ("input", "pad", "mode", "value")
+for _t in _overloads("constant_pad_nd", "default"):
+    _PAD_TARGETS[_t] = ("input", "pad", "value")
+
+
+def constant_pad(node: fx.Node) -> Pad | None:
+    """Recognize a constant (zero or scalar) padding; other modes are not recognized."""
+    if node.op != "call_function" or node.target not in _PAD_TARGETS:
+        return None
+    a = _bind(node, _PAD_TARGETS[node.target], {"mode": "constant", "value": None})
+    if a["mode"] != "constant" or not isinstance(a["input"], fx.Node) or isinstance(a["value"], fx.Node):
+        return None
+    return Pad(node, a["input"], tuple(int(p) for p in a["pad"]), float(a["value"] or 0.0))
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:

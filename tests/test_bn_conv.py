@@ -52,7 +52,7 @@ def test_bn_with_second_consumer_is_refused():
 
         def forward(self, x):
             y = self.bn(x)
-            return self.conv(y) + y
+            return self.conv(y) * y
 
     rep = fxreparam.report(fold(Shared(), torch.randn(2, 4, 5, 5)))
     assert rep.after.batch_norm == 1

@@ -92,7 +92,7 @@ def test_refuses_conv_output_with_second_consumer():
 
         def forward(self, x):
             y = self.conv(x)
-            return self.bn(y) + y
+            return self.bn(y) * y
 
     folded = fold(TwoConsumers(), torch.randn(2, 4, 6, 6))
     rep = fxreparam.report(folded)
