@@ -1,7 +1,7 @@
 """Finalize: turn the rewritten graph into a module that reads like a hand-written deployment model.
 
 Every conv and linear layer with stored weights becomes a plain ``nn.Conv2d``/``nn.Linear``
-(parametrizations evaluated), placed at the model's own path (``layer1.0.conv1``); common
+(parametrizations evaluated), named after the model's own path (``layer1_0_conv1``); common
 aten ops print as their torch functions; nothing the graph does not read is kept. The result
 is an ``fx.GraphModule`` whose ``print`` is a readable chain of layers, like the seed's DiracNet.
 """
@@ -19,13 +19,9 @@ from torch.nn.utils import parametrize
 from . import ops
 from .graph import build_module, call_module, replace
 
-__all__ = ["Scope", "finalize"]
+__all__ = ["finalize"]
 
 aten = torch.ops.aten
-
-
-class Scope(nn.Module):
-    """A namespace in the folded model's tree: holds the layers of one original submodule."""
 
 
 def _readable_targets() -> dict[Any, Any]:
@@ -85,46 +81,31 @@ def _layer_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 class _Tree:
-    """The folded model's module tree under construction: places layers and tensors at readable paths."""
+    """The folded model's layers and tensors, flat and named by the model's paths (``layer1_0_conv1``), so
+    that ``print`` lists a plain chain like a hand-written deployment model."""
 
     def __init__(self) -> None:
         self.root = nn.Module()
-        self.placed: dict[int, str] = {}  # id of a placed object -> its path, so a shared layer stays one
+        self.placed: dict[int, str] = {}  # id of a placed object -> its name, so a shared layer stays one
 
     def place(self, path: str, value: nn.Module | torch.Tensor) -> str:
         if id(value) in self.placed:
             return self.placed[id(value)]
-        parts = [p.replace("-", "_") or "_" for p in path.split(".")]
-        if not self._scopes_free(parts[:-1]):
-            parts = ["_".join(parts)]  # a prefix is a real layer: use a flat name
-        owner = self.root
-        for part in parts[:-1]:
-            if part not in owner._modules:
-                owner.add_module(part, Scope())
-            owner = owner._modules[part]
-        leaf, n = parts[-1], 0
-        while hasattr(owner, leaf):
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in path) or "_"
+        if base[0].isdigit():
+            base = f"_{base}"
+        name, n = base, 0
+        while hasattr(self.root, name):
             n += 1
-            leaf = f"{parts[-1]}_{n}"
+            name = f"{base}_{n}"
         if isinstance(value, nn.Module):
-            owner.add_module(leaf, value)
+            self.root.add_module(name, value)
         elif isinstance(value, nn.Parameter):
-            owner.register_parameter(leaf, value)
+            self.root.register_parameter(name, value)
         else:
-            owner.register_buffer(leaf, value)
-        self.placed[id(value)] = ".".join([*parts[:-1], leaf])
-        return self.placed[id(value)]
-
-    def _scopes_free(self, scope: list[str]) -> bool:
-        owner = self.root
-        for part in scope:
-            child = owner._modules.get(part)
-            if child is None:
-                return not hasattr(owner, part)
-            if not isinstance(child, Scope):
-                return False
-            owner = child
-        return True
+            self.root.register_buffer(name, value)
+        self.placed[id(value)] = name
+        return name
 
 
 def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphModule:

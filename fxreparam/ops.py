@@ -486,8 +486,8 @@ def channel_affine(gm: fx.GraphModule, node: fx.Node) -> ChannelAffine | None:
             return None
         return ChannelAffine(node, bn.input, bn.affine[0], bn.affine[1], True, "batch norm", bn.name)
     b = binary(node)
-    if b is None or b.inplace:
-        return None
+    if b is None or (b.inplace and not (isinstance(b.lhs, fx.Node) and set(b.lhs.users) == {node})):
+        return None  # an in-place op is a plain one only where nothing else reads what it overwrites
     lhs_c, rhs_c = constant(gm, b.lhs), constant(gm, b.rhs)
     if (lhs_c is None) == (rhs_c is None):
         return None
