@@ -209,11 +209,12 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     if len(taken) < 2:
         return None, refused
     big = taken[0]
+    dims = range(len(big.kernel_size))
     groups = math.gcd(*[t.groups for t in taken])
-    dilation = tuple(
-        next((t.dilation[d] for t in taken if t.kernel_size[d] > 1), 1) for d in range(len(big.kernel_size))
-    )
-    weight = algebra.sum_kernels([algebra.center_pad(algebra.regroup(t.weight, t.groups, groups), big.kernel_size)
+    kernel = tuple(max(t.kernel_size[d] for t in taken) for d in dims)  # 1x3 + 3x1 -> 3x3
+    dilation = tuple(next((t.dilation[d] for t in taken if t.kernel_size[d] > 1), 1) for d in dims)
+    padding = tuple((big.offset(d) + dilation[d] * (kernel[d] - 1)) // 2 for d in dims)
+    weight = algebra.sum_kernels([algebra.center_pad(algebra.regroup(t.weight, t.groups, groups), kernel)
                                   for t in taken])
     biases = [t.bias for t in taken if t.bias is not None]
     bias = algebra.sum_kernels(biases) if biases else None
@@ -221,7 +222,7 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     like = next((t.like for t in taken if t.like.numel()), big.like)
     name = _common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
-    return Branch(big.input, weight, bias, big.stride, big.padding, dilation, groups, mode, label, name, like), refused
+    return Branch(big.input, weight, bias, big.stride, padding, dilation, groups, mode, label, name, like), refused
 
 
 def _common_path(paths: list[str]) -> str:

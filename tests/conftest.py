@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 import fxreparam
 from fxreparam.testing import randomize_batch_norms
 from fxreparam.verify import relative_error
+
+# CI replays the same examples every run (a red CI is then a real, reproducible bug); locally each run
+# explores new ones. ``HYPOTHESIS_PROFILE=fuzz`` runs many more (see README).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("fuzz", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 
 def rel_err(a, b) -> float:
