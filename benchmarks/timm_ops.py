@@ -9,37 +9,20 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections import Counter
 from datetime import date
 
 import timm
 import torch
 from timm.utils.model import reparameterize_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxreparam
-from fxreparam.testing import randomize_batch_norms
+from fxreparam.testing import executed_ops, randomize_batch_norms
 from fxreparam.verify import relative_error
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def executed(model: torch.nn.Module, x: torch.Tensor) -> str:
-    with torch.no_grad(), CountOps() as mode:
-        model(x)
-    c = mode.counts
-    conv = sum(n for k, n in c.items() if "conv" in k)
-    bn = sum(n for k, n in c.items() if "batch_norm" in k)
-    add = sum(n for k, n in c.items() if k.startswith("add") and k != "addmm")
-    return f"{conv} / {bn} / {add}"
+    c = executed_ops(model, x)
+    return f"{c['conv']} / {c['batch_norm']} / {c['add']}"
 
 
 def main() -> None:

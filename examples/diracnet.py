@@ -11,22 +11,13 @@ the result prints like the authors' released deployment model.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _report import eager_ms
 
 import fxreparam
 from fxreparam.demo import DiracNet
 from fxreparam.testing import randomize_batch_norms
-
-
-def eager_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> float:
-    with torch.no_grad():
-        model(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-    return 1000 * (time.perf_counter() - start) / repeats
 
 
 def main() -> None:

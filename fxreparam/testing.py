@@ -6,10 +6,33 @@ up to eps and hides a wrong fold; every test and example gives them random value
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["calibrate_batch_norms", "randomize_batch_norms"]
+__all__ = ["calibrate_batch_norms", "executed_ops", "randomize_batch_norms"]
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def executed_ops(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """The conv, batch-norm and add ops one forward pass executes, counted at the aten level."""
+    with torch.no_grad(), _CountOps() as mode:
+        model(*inputs)
+    c = mode.counts
+    return {"conv": sum(n for k, n in c.items() if "conv" in k),
+            "batch_norm": sum(n for k, n in c.items() if "batch_norm" in k),
+            "add": sum(n for k, n in c.items() if k.startswith("add") and k != "addmm")}
 
 
 @torch.no_grad()

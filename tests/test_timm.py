@@ -5,39 +5,16 @@ pass executes no more conv, batch-norm and add ops than after timm's hand-writte
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
 from conftest import rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxreparam
-from fxreparam.testing import randomize_batch_norms
+from fxreparam.testing import executed_ops, randomize_batch_norms
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency: pip install -e '.[test]'")
 from timm.utils.model import reparameterize_model  # noqa: E402
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops one forward pass executes, by overload packet name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def executed(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Conv, batch-norm and add ops executed by one forward pass."""
-    with torch.no_grad(), CountOps() as mode:
-        model(x)
-    kinds = {"conv": ("convolution", "conv"), "batch_norm": ("batch_norm",), "add": ("add",)}
-    return {kind: sum(n for op, n in mode.counts.items() if any(w in op for w in words))
-            for kind, words in kinds.items()}
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1", "mobileone_s0", "mobileone_s2"])
@@ -47,7 +24,7 @@ def test_folds_at_least_as_far_as_timms_reparameterize(name):
     x = torch.randn(1, 3, 64, 64)
     folded = fxreparam.optimize(model, x)
     by_hand = reparameterize_model(copy.deepcopy(model))
-    ours, theirs, before = executed(folded, x), executed(by_hand, x), executed(model, x)
+    ours, theirs, before = executed_ops(folded, x), executed_ops(by_hand, x), executed_ops(model, x)
     assert before["batch_norm"] > 0 and ours["batch_norm"] == 0
     for kind in ours:
         assert ours[kind] <= theirs[kind], (kind, ours, theirs)
