@@ -37,11 +37,13 @@ __all__ = [
     "constant",
     "conv",
     "fetch_attr",
+    "flatten_start",
     "linear",
     "module_path",
     "op_kind",
     "rank",
     "weighted",
+    "zero_keeping",
 ]
 
 
@@ -599,6 +601,54 @@ def constant_pad(node: fx.Node) -> Pad | None:
     if a["mode"] != "constant" or not isinstance(a["input"], fx.Node) or isinstance(a["value"], fx.Node):
         return None
     return Pad(node, a["input"], tuple(int(p) for p in a["pad"]), float(a["value"] or 0.0))
+
+
+# ----------------------------------------------------------------------------- channel-wise maps that keep zero
+
+
+_ZERO_KEEPING_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.tanh,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout,
+}
+for _name in ("relu", "relu_", "relu6", "gelu", "silu", "silu_", "leaky_relu", "elu", "hardswish", "mish", "tanh",
+              "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+              "dropout", "clone", "alias", "detach"):
+    _ZERO_KEEPING_FUNCTIONS.update(_overloads(_name, "default"))
+_ZERO_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
+                         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Dropout, nn.Identity)
+
+
+def zero_keeping(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of ``node`` if it maps each channel on its own and an all-zero channel to an all-zero
+    channel (ReLU-like activations, pooling, dropout in eval), else ``None``."""
+    if node.op == "call_module":
+        ok = isinstance(fetch_attr(gm, node.target), _ZERO_KEEPING_MODULES)
+    elif node.op == "call_function":
+        ok = node.target in _ZERO_KEEPING_FUNCTIONS
+    elif node.op == "call_method":
+        ok = node.target in ("relu", "relu_", "tanh", "clone", "detach")
+    else:
+        ok = False
+    if not ok or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0] if not any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]) else None
+
+
+_FLATTEN = {torch.flatten, *_overloads("flatten", "using_ints")}
+
+
+def flatten_start(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The start dim of a full ``flatten(x, start)`` (to the last dim), else ``None``."""
+    if node.op == "call_module":
+        mod = fetch_attr(gm, node.target)
+        return mod.start_dim if isinstance(mod, nn.Flatten) and mod.end_dim == -1 else None
+    if node.op != "call_function" or node.target not in _FLATTEN:
+        return None
+    a = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+    return int(a["start_dim"]) if a["end_dim"] == -1 else None
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -66,3 +66,19 @@ def test_random_weights_are_not_frozen():
     folded = fxreparam.optimize(model, torch.randn(1, 3, 5, 5), capture="export")
     assert fxreparam.report(folded).rewrites["dirac"] == 0
     assert "randn" in folded.code
+
+
+def test_branch_sum_inside_a_dirac_parameterized_net():
+    class DiracRepBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dirac = DiracConv2d(6, 6)
+            self.pointwise = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.dirac(x) + self.pointwise(x)))
+
+    folded = fold(nn.Sequential(DiracRepBlock(), DiracRepBlock()), torch.randn(2, 6, 8, 8))
+    rep = fxreparam.report(folded)
+    assert rep.after.conv == 2 and rep.after.batch_norm == 0 and rep.after.add_sub == 0
