@@ -13,7 +13,9 @@ from . import (
     passes,  # noqa: F401  (registers the built-in passes)
 )
 from .api import optimize
+from .backends import fxreparam_backend, region_reports
 from .capture import capture
+from .deploy import export_onnx, load, save
 from .errors import CaptureError, FxReparamError, VerificationError
 from .registry import Pass, PassContext, Refusal, get_pass, list_passes, register_pass, unregister_pass
 from .report import OpCounts, Report, count_ops, report
@@ -34,11 +36,16 @@ __all__ = [
     "algebra",
     "capture",
     "count_ops",
+    "export_onnx",
+    "fxreparam_backend",
     "get_pass",
     "list_passes",
+    "load",
     "ops",
     "optimize",
+    "region_reports",
     "register_pass",
     "report",
+    "save",
     "unregister_pass",
 ]

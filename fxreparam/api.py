@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import deploy
 from .capture import capture as capture_graph
 from .errors import VerificationError
 from .finalize import finalize
@@ -58,7 +59,8 @@ def optimize(
     example_kwargs: dict[str, Any] | None = None,
     capture: str = "auto",
     tolerance: float | None = None,
-) -> nn.Module:
+    backend_options: dict[str, Any] | None = None,
+) -> Any:
     """A new module computing ``model``'s inference (eval-mode) function with its structure folded.
 
     ``example_inputs`` (a tensor or a tuple of positional inputs; keyword inputs in
@@ -66,13 +68,18 @@ def optimize(
     them the model is traced with ``symbolic_trace`` and not verified. ``passes`` picks
     registered passes by name (default: all), ``skip`` removes some. ``capture`` picks the
     tracer: ``"auto"``, ``"export"`` or ``"symbolic_trace"`` (fastest on very deep models).
-    ``tolerance`` overrides the relative error allowed for the model's dtype. With ``verify`` the
+    ``tolerance`` overrides the relative error allowed for the model's dtype.
+
+    ``backend``: ``None``/``"eager"`` returns the folded module; ``"inductor"`` that module under
+    ``torch.compile`` (Inductor, freezing on); ``"aot_inductor"`` a ``(runner, package_path)`` pair
+    (``backend_options={"path": ...}``); ``"tensorrt"`` a TensorRT module (``backend_options``:
+    ``precision``, ``shapes``, ``path``; see :func:`fxreparam.deploy.tensorrt`). With ``verify`` the
     result is compared with the original in float64 and a :class:`VerificationError`
     names the first pass that made them differ. The user's model is never modified.
     ``fxreparam.report(result)`` tells what was done.
     """
-    if backend is not None:
-        raise ValueError(f"unknown backend {backend!r}: this version returns the folded eager module (backend=None)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if model.training:
         warnings.warn(f"{type(model).__name__} is in training mode: fxreparam folds its inference (eval) function; "
                       "the model itself is left in training mode", stacklevel=2)
@@ -108,7 +115,25 @@ def optimize(
         optimize_seconds=time.perf_counter() - start - captured.seconds, passes=list(passlog.stats.values()),
         refusals=passlog.refusals, before=before, after=count_ops(folded), verification=verification,
         verification_note=note, rounds=passlog.rounds)
-    return folded
+    return _deploy(folded, backend, args, dict(backend_options or {}))
+
+
+BACKENDS = (None, "eager", "inductor", "aot_inductor", "tensorrt")
+
+
+def _deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: dict[str, Any]) -> Any:
+    """The folded module handed to ``backend`` (see :func:`optimize`)."""
+    if backend in (None, "eager"):
+        return folded
+    if args is None:
+        raise ValueError(f"backend={backend!r} needs example inputs")
+    if backend == "inductor":
+        compiled = torch.compile(folded, backend="inductor", options={"freezing": True, **options})
+        compiled.fxreparam_report = folded.fxreparam_report
+        return compiled
+    if backend == "aot_inductor":
+        return deploy.aot_inductor(folded, args, options.pop("path", "folded.pt2"))
+    return deploy.tensorrt(folded, args, **options)
 
 
 def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: nn.Module, schedule: list[Pass],

@@ -65,9 +65,8 @@ def _replace(b: Branch, **changes: Any) -> Branch:
 
 def _channels(node: fx.Node) -> tuple[int, int] | None:
     """(channels, rank) of a node's value, where capture recorded its shape."""
-    val = node.meta.get("val")
-    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else getattr(node.meta.get("tensor_meta"), "shape", None)
-    if shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+    shape = ops.concrete_shape(node)
+    if shape is None or len(shape) < 3:
         return None
     return int(shape[1]), len(shape)
 
@@ -104,7 +103,7 @@ def as_branch(gm: fx.GraphModule, node: fx.Node) -> Branch | None:
         return None
     inner = as_branch(gm, affine.input) if len(affine.input.users) == 1 else None
     if inner is None:
-        like = _example_like(gm, affine)
+        like = ops.like(affine.node)
         inner = identity_branch(affine.input, like) if like is not None else None
         if inner is None:
             return None
@@ -119,14 +118,6 @@ def as_branch(gm: fx.GraphModule, node: fx.Node) -> Branch | None:
     kind = "bn" if affine.kind == "batch norm" else affine.kind
     return _replace(inner, weight=weight, bias=bias, label=f"{kind} '{affine.name}' of {inner.label}",
                     name=affine.name)
-
-
-def _example_like(gm: fx.GraphModule, affine: ops.ChannelAffine) -> torch.Tensor | None:
-    val = affine.node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return torch.empty(0, dtype=val.dtype, device=val.device)
-    meta = affine.node.meta.get("tensor_meta")
-    return torch.empty(0, dtype=meta.dtype) if meta is not None else None
 
 
 # ----------------------------------------------------------------------------- sums
@@ -249,17 +240,11 @@ def pool_as_conv(gm: fx.GraphModule, node: fx.Node) -> ops.Conv | None:
     found = _channels(pool.input)
     if found is None or found[1] - 2 != len(pool.kernel_size):
         return None
-    like = _dtype_of(node)
+    like = ops.like(node)
+    if like is None:
+        like = torch.empty(0)
     weight = torch.full((found[0], 1, *pool.kernel_size), 1.0 / math.prod(pool.kernel_size), dtype=like.dtype,
                         device=like.device)
     dims = len(pool.kernel_size)
     return ops.Conv(node, pool.input, weight, None, pool.stride, pool.padding, (1,) * dims, found[0], False, (),
                     "zeros", pool.name)
-
-
-def _dtype_of(node: fx.Node) -> torch.Tensor:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return torch.empty(0, dtype=val.dtype, device=val.device)
-    meta = node.meta.get("tensor_meta")
-    return torch.empty(0, dtype=meta.dtype if meta is not None else torch.float32)

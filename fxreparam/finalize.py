@@ -138,4 +138,4 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
     out = fx.GraphModule(tree.root, graph, class_name=class_name)
     out.graph.eliminate_dead_code()
     out.recompile()
-    return out
+    return out.eval()  # an inference model, like the function it computes

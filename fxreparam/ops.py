@@ -38,6 +38,8 @@ __all__ = [
     "conv",
     "fetch_attr",
     "flatten_start",
+    "forget_shape",
+    "like",
     "linear",
     "module_path",
     "op_kind",
@@ -84,20 +86,27 @@ def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     return torch.tensor(float(arg), dtype=torch.float64)
 
 
+_META_KEYS = ("val", "example_value")  # export/make_fx, Dynamo
+
+
+def _meta_tensor(node: fx.Node) -> Any:
+    """What capture recorded about a node's tensor value: a fake tensor, or symbolic_trace's tensor_meta."""
+    for key in _META_KEYS:
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    return node.meta.get("tensor_meta")
+
+
 def rank(node: fx.Node) -> int | None:
     """The number of dims of a node's tensor value, where capture recorded it."""
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dim()
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    shape = getattr(_meta_tensor(node), "shape", None)
     return len(shape) if shape is not None else None
 
 
 def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
     """A node's shape at capture, symbolic sizes (a dynamic batch) replaced by their example values."""
-    val = node.meta.get("val")
-    shape = val.shape if isinstance(val, torch.Tensor) else getattr(node.meta.get("tensor_meta"), "shape", None)
+    shape = getattr(_meta_tensor(node), "shape", None)
     if shape is None:
         return None
     out = []
@@ -109,14 +118,29 @@ def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-_STACK_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+def like(node: fx.Node) -> torch.Tensor | None:
+    """An empty tensor of the node's dtype and device (where recorded): what folded kernels are stored as."""
+    meta = _meta_tensor(node)
+    if meta is None or getattr(meta, "dtype", None) is None:
+        return None
+    device = meta.device if isinstance(meta, torch.Tensor) else torch.device("cpu")
+    return torch.empty(0, dtype=meta.dtype, device=device)
+
+
+def forget_shape(node: fx.Node) -> None:
+    """Drop what capture recorded about a node's value, once a rewrite changed its shape."""
+    for key in (*_META_KEYS, "tensor_meta"):
+        node.meta.pop(key, None)
+
+
+_STACK_PREFIX = re.compile(r"^(L\['(self|fn|mod|model)'\]|L__self__|self)\.?")
 _INDEX = re.compile(r"\[(\d+)\]|\[['\"]([^'\"]+)['\"]\]")
 
 
 def _clean_path(path: str) -> str:
     path = _STACK_PREFIX.sub("", path)
     path = _INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
-    path = re.sub(r"\._modules\.|\.modules\.", ".", path)
+    path = re.sub(r"(^|\.)_(modules|parameters|buffers)\.", r"\1", path)
     return re.sub(r"@\d+$", "", path).strip(".")
 
 

@@ -28,7 +28,7 @@ _SOURCE_OPS = _VIEW_OPS | {"expand_as", "reshape", "detach", "clone", "to"}
 
 def _int_value(node: fx.Node) -> int | None:
     """The example value of a shape query (``x.size(0)``, ``aten.sym_size``), from capture's metadata."""
-    val = node.meta.get("val")
+    val = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(val, int) and not isinstance(val, bool):
         return val
     if isinstance(val, torch.SymInt):

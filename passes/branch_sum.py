@@ -11,20 +11,11 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
 from torch import fx
 
-from fxreparam import branches
+from fxreparam import branches, ops
 from fxreparam.graph import insert_layer, live_nodes, replace
 from fxreparam.registry import PassContext, register_pass
-
-
-def _like(node: fx.Node) -> torch.Tensor | None:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return torch.empty(0, dtype=val.dtype, device=val.device)
-    meta = node.meta.get("tensor_meta")
-    return torch.empty(0, dtype=meta.dtype) if meta is not None else None
 
 
 def _read_terms(ctx: PassContext, terms: list[tuple[Any, float]], with_identity: bool
@@ -41,7 +32,7 @@ def _read_terms(ctx: PassContext, terms: list[tuple[Any, float]], with_identity:
             branch = None
         is_identity = branch is None
         if is_identity:
-            like = _like(term)
+            like = ops.like(term)
             branch = branches.identity_branch(term, like) if with_identity and like is not None else None
         if branch is not None:
             groups.setdefault(branch.input, []).append((i, branch.scaled(coef), is_identity))

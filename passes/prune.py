@@ -74,7 +74,6 @@ def prune_zero_channels(ctx: PassContext) -> int:
         emit(ctx.gm, layer, layer.weight[keep], layer.bias[keep] if layer.bias is not None else None, layer.input,
              node)
         for n in passed:  # their recorded shapes still count the removed channels
-            n.meta.pop("val", None)
-            n.meta.pop("tensor_meta", None)
+            ops.forget_shape(n)
         rewrites += 1
     return rewrites
