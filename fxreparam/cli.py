@@ -1,15 +1,32 @@
-"""The ``fxreparam`` command line: ``fxreparam demo`` folds the built-in DiracNet and prints the report."""
+"""The ``fxreparam`` command line.
+
+    fxreparam demo                                   fold the built-in DiracNet and print the report
+    fxreparam optimize MODEL --input 1x3x224x224     fold a model, print the report, optionally save it
+    fxreparam bench MODEL --input 1x3x224x224        time the original against the folded model
+    fxreparam passes                                 list the registered passes
+
+MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``path/to/file.py:factory`` (a function returning the
+model). ``--weights`` loads a state dict with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from . import list_passes, optimize, report
+from . import deploy, list_passes, optimize, report
+
+log = logging.getLogger("fxreparam")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -17,6 +34,36 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """The model named by ``timm:NAME``, ``torchvision:NAME`` or ``file.py:factory``, in eval mode."""
+    kind, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"fxreparam: MODEL must be timm:NAME, torchvision:NAME or file.py:factory, not {spec!r}")
+    log.info("loading %s ...", spec)
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    elif kind == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+    else:
+        path = Path(kind)
+        if not path.is_file():
+            raise SystemExit(f"fxreparam: no such file {kind!r} (MODEL is timm:NAME, torchvision:NAME or file.py:fn)")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise SystemExit(f"fxreparam: {kind} has no function {name!r}")
+        model = factory()
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,6 +79,64 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.weights)
+    x = torch.randn(*args.input)
+    backend = None if args.backend == "eager" else args.backend
+    options: dict[str, Any] = {}
+    if args.backend == "aot_inductor":
+        options["path"] = args.out or "folded_aoti.pt2"
+    if args.backend == "tensorrt":
+        options.update(precision=args.precision, path=args.out)
+    result = optimize(model, x, skip=args.skip, capture=args.capture, backend=backend, backend_options=options)
+    folded = result[0] if isinstance(result, tuple) else result
+    print(report(folded) if hasattr(folded, "fxreparam_report") else "")
+    if args.backend == "aot_inductor":
+        print(f"AOTInductor package: {result[1]}")
+    elif args.out and args.backend == "eager":
+        print(f"saved: {deploy.save(folded, args.out, x)}")
+    elif args.out and args.backend == "inductor":
+        raise SystemExit("fxreparam: --out with --backend inductor: save the eager result (--backend eager) or "
+                         "build an AOTInductor package (--backend aot_inductor)")
+    elif args.backend == "tensorrt" and args.out:
+        print(f"TensorRT program: {args.out}")
+    return 0
+
+
+def time_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeat: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn(x)`` in milliseconds (CUDA synchronized)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeat):
+            sync()
+            start = time.perf_counter()
+            fn(x)
+            sync()
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.weights)
+    x = torch.randn(*args.input)
+    folded = optimize(model, x, capture=args.capture)
+    rows = [("original", "eager", time_ms(model, x, args.repeat)), ("folded", "eager", time_ms(folded, x, args.repeat))]
+    if args.backend == "inductor":
+        log.info("compiling both with Inductor (freezing) ...")
+        for label, m in (("original", model), ("folded", folded)):
+            compiled = torch.compile(m, backend="inductor", options={"freezing": True})
+            rows.append((label, "inductor", time_ms(compiled, x, args.repeat)))
+    base = {backend: ms for label, backend, ms in rows if label == "original"}
+    shape = "x".join(map(str, args.input))
+    print(f"{args.model}, input {shape}, {x.device}, {torch.get_num_threads()} threads, median of {args.repeat}")
+    print(f"{'model':<10}{'backend':<10}{'ms':>10}{'speedup':>10}")
+    for label, backend, ms in rows:
+        print(f"{label:<10}{backend:<10}{ms:>10.2f}{base[backend] / ms:>9.2f}x")
+    return 0
+
+
 def _passes(args: argparse.Namespace) -> int:
     width = max(len(p.name) for p in list_passes())
     for p in list_passes():
@@ -40,7 +145,8 @@ def _passes(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxreparam", description="Fold re-parameterized PyTorch models.")
+    parser = argparse.ArgumentParser(prog="fxreparam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fold the built-in DiracNet (training form) and print the result and report")
     demo.add_argument("--depth", type=int, default=18, help="conv and linear layers (default 18)")
@@ -49,6 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="print the report only, not the folded model")
     demo.set_defaults(run=_demo)
+    for name, fn, text in (("optimize", _optimize, "fold a model and print the report"),
+                           ("bench", _bench, "time the original against the folded model")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("model", help="timm:NAME, torchvision:NAME or path/to/file.py:factory")
+        cmd.add_argument("--input", type=_shape, required=True, help="example input shape, e.g. 1x3x224x224")
+        cmd.add_argument("--weights", help="a state dict to load (torch.load with weights_only=True)")
+        cmd.add_argument("--capture", default="auto", choices=["auto", "export", "symbolic_trace"])
+        cmd.set_defaults(run=fn)
+        if name == "optimize":
+            cmd.add_argument("--backend", default="eager", choices=["eager", "inductor", "aot_inductor", "tensorrt"])
+            cmd.add_argument("--out", help="where to write the result (.pt2 program, AOTInductor package, TensorRT)")
+            cmd.add_argument("--skip", nargs="*", default=[], help="passes not to run")
+            cmd.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="TensorRT precision")
+        else:
+            cmd.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+            cmd.add_argument("--repeat", type=int, default=20)
     sub.add_parser("passes", help="list the registered passes in the order they run").set_defaults(run=_passes)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="fxreparam: %(message)s", stream=sys.stderr)
