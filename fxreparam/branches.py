@@ -37,6 +37,7 @@ class Branch:
     label: str
     name: str
     like: torch.Tensor  # a tensor of the model's dtype and device, to store the merged kernel as
+    from_conv: bool = False  # a real conv of the model (not an identity, BN-only or pooling branch)
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -92,7 +93,7 @@ def as_branch(gm: fx.GraphModule, node: fx.Node) -> Branch | None:
             return None
         bias = algebra.exact(conv.bias) if conv.bias is not None else None
         return Branch(conv.input, algebra.exact(conv.weight), bias, conv.stride, conv.padding, conv.dilation,
-                      conv.groups, conv.padding_mode, f"conv '{conv.name}'", conv.name, conv.weight)
+                      conv.groups, conv.padding_mode, f"conv '{conv.name}'", conv.name, conv.weight, True)
     pool = pool_as_conv(gm, node)
     if pool is not None:
         like = torch.empty(0, dtype=pool.weight.dtype, device=pool.weight.device)
@@ -213,7 +214,9 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     like = next((t.like for t in taken if t.like.numel()), big.like)
     name = _common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
-    return Branch(big.input, weight, bias, big.stride, padding, dilation, groups, mode, label, name, like), refused
+    from_conv = any(t.from_conv for t in taken)
+    return Branch(big.input, weight, bias, big.stride, padding, dilation, groups, mode, label, name, like,
+                  from_conv), refused
 
 
 def _common_path(paths: list[str]) -> str:

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .graph import build_module, call_module, replace
+from .graph import build_module, call_module, eliminate_dead_code, replace
 
 __all__ = ["finalize"]
 
@@ -27,7 +27,8 @@ aten = torch.ops.aten
 def _readable_targets() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for packet, overload, fn in [
-        ("relu", "default", torch.relu), ("sigmoid", "default", torch.sigmoid), ("tanh", "default", torch.tanh),
+        ("relu", "default", torch.relu), ("relu_", "default", torch.relu_), ("sigmoid", "default", torch.sigmoid),
+        ("tanh", "default", torch.tanh),
         ("cat", "default", torch.cat), ("clamp", "default", torch.clamp), ("flatten", "using_ints", torch.flatten),
         ("max_pool2d", "default", F.max_pool2d), ("avg_pool2d", "default", F.avg_pool2d),
         ("adaptive_avg_pool2d", "default", F.adaptive_avg_pool2d), ("mean", "dim", torch.mean),
@@ -136,6 +137,6 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
                 setattr(tree.root, name, value)
                 node.target = name
     out = fx.GraphModule(tree.root, graph, class_name=class_name)
-    out.graph.eliminate_dead_code()
+    eliminate_dead_code(out.graph)
     out.recompile()
     return out.eval()  # an inference model, like the function it computes

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import algebra
-from .ops import Conv, Linear, binary, module_path
+from .ops import Conv, Linear, binary, module_path, op_kind
 
 __all__ = ["build_module", "call_module", "emit", "erase_dead", "insert_layer", "live_nodes", "replace"]
 
@@ -68,9 +68,13 @@ def insert_layer(gm: fx.GraphModule, spec: Conv | Linear, weight: torch.Tensor, 
 
 
 def emit(gm: fx.GraphModule, spec: Conv | Linear, weight: torch.Tensor, bias: torch.Tensor | None,
-         input: fx.Node, replaces: fx.Node, *, name: str | None = None) -> fx.Node:
-    """Replace ``replaces`` by a new layer like ``spec`` with the given kernel, reading ``input``."""
-    new = insert_layer(gm, spec, weight, bias, input, before=replaces, name=name)
+         input: fx.Node, replaces: fx.Node, *, at: fx.Node | None = None, name: str | None = None) -> fx.Node:
+    """Replace ``replaces`` by a new layer like ``spec`` with the given kernel, reading ``input``.
+
+    The new layer goes where the folded pattern first read ``input`` (``at``, default ``replaces``), so it
+    reads the same value even where a later op writes into ``input`` in place.
+    """
+    new = insert_layer(gm, spec, weight, bias, input, before=at or replaces, name=name)
     replace(replaces, new)
     return new
 
@@ -113,12 +117,62 @@ def replace(old: fx.Node, new: fx.Node) -> None:
     erase_dead(old)
 
 
-def _removable(node: fx.Node) -> bool:
-    """Pure, or an in-place op whose mutated input nothing else reads (``out += y`` on a fresh ``out``)."""
-    if not node.is_impure():
+def _mutates_first_arg(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: ``relu(x, inplace=True)``, ``x.add_(y)``, ``x += y``,
+    ``nn.ReLU(inplace=True)``, ``aten.relu_``. fx's own dead-code check misses most of these forms."""
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("__")
+    if node.op != "call_function":
+        return False
+    if node.kwargs.get("inplace") is True:
         return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("__")) or (binary(node) is not None and binary(node).inplace)
+
+
+def written_in_place(node: fx.Node) -> bool:
+    """Whether some op writes into ``node``'s tensor: then reading it earlier and later gives different values."""
+    return any(u.args and u.args[0] is node and _mutates_first_arg(u) for u in node.users)
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether ``node`` is a new tensor of the forward's own (not an input, a stored tensor or a view of one),
+    so that writing into it is seen by its readers alone."""
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return not schema.is_mutable and not any(r.alias_info for r in schema.returns)
     b = binary(node)
-    return b is not None and b.inplace and isinstance(b.lhs, fx.Node) and set(b.lhs.users) == {node}
+    if b is not None:
+        return not b.inplace
+    gm = node.graph.owning_module
+    return gm is not None and op_kind(gm, node) in ("conv", "linear", "batch_norm")
+
+
+def _removable(node: fx.Node) -> bool:
+    """Free of effects once unread: pure, or writing only into a fresh tensor that nothing else reads
+    (``out += y`` on a fresh ``out``)."""
+    if node.op in ("placeholder", "output"):
+        return False
+    if _mutates_first_arg(node):
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and set(first.users) == {node} and _fresh(first)
+    return not node.is_impure()
+
+
+def eliminate_dead_code(graph: fx.Graph) -> int:
+    """Erase the nodes nothing reads and that have no effect, last to first; returns how many went."""
+    erased = 0
+    for node in reversed(list(graph.nodes)):
+        if not node.users and _removable(node):
+            graph.erase_node(node)
+            erased += 1
+    return erased
 
 
 def erase_dead(node: fx.Node) -> int:
@@ -127,7 +181,7 @@ def erase_dead(node: fx.Node) -> int:
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in gone or n.users or n.op in ("placeholder", "output") or not _removable(n):
+        if n in gone or n.users or not _removable(n):
             continue
         inputs = n.all_input_nodes
         n.graph.erase_node(n)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from .graph import eliminate_dead_code
 from .registry import Pass, PassContext, Refusal
 
 __all__ = ["PassLog", "PassStat", "run_passes"]
@@ -52,7 +53,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = 
             start = time.perf_counter()
             n = p(ctx)
             if n:
-                gm.graph.eliminate_dead_code()  # code is generated once, by finalize, not per pass
+                eliminate_dead_code(gm.graph)  # code is generated once, by finalize, not per pass
             stat = log.stats[p.name]
             stat.runs += 1
             stat.rewrites += n
@@ -75,6 +76,6 @@ def replay(gm: fx.GraphModule, schedule: Sequence[Pass]):
     ctx = PassContext(gm)
     for p in schedule:
         if p(ctx):
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm.graph)
             gm.recompile()
         yield p

@@ -53,7 +53,7 @@ def fold_before(ctx: PassContext, node: fx.Node, consumer_kind: type) -> int:
     bias = algebra.shift_through_kernel(layer.weight, shift, groups=groups)
     if layer.bias is not None:
         bias = bias + algebra.exact(layer.bias)
-    emit(ctx.gm, layer, weight, bias, affine.input, node)
+    emit(ctx.gm, layer, weight, bias, affine.input, node, at=affine.node)
     return 1
 
 

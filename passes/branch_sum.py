@@ -14,7 +14,7 @@ from typing import Any
 from torch import fx
 
 from fxreparam import branches, ops
-from fxreparam.graph import insert_layer, live_nodes, replace
+from fxreparam.graph import insert_layer, live_nodes, replace, written_in_place
 from fxreparam.registry import PassContext, register_pass
 
 
@@ -37,6 +37,14 @@ def _read_terms(ctx: PassContext, terms: list[tuple[Any, float]], with_identity:
         if branch is not None:
             groups.setdefault(branch.input, []).append((i, branch.scaled(coef), is_identity))
     return groups, blocked
+
+
+def _position(node: fx.Node) -> int:
+    """A node's place in its graph (fx keeps a per-node sort key in recent versions; counted otherwise)."""
+    key = getattr(node, "_sort_key", None)
+    if key is not None:
+        return key
+    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
 
 def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node) -> fx.Node:
@@ -67,6 +75,11 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> int:
             ctx.refuse(root, f"{where}: {reason}")
         if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
             continue
+        if not any(b.from_conv for _, b, _ in members):
+            continue  # x + x or bn(x) + x: elementwise ops are cheaper than the conv they would become
+        if written_in_place(source):
+            ctx.refuse(root, f"{where}: its branches read {source.name}, which an op modifies in place")
+            continue
         merged, refused = branches.merge([b for _, b, _ in members])
         for b, why in refused:
             ctx.refuse(root, f"{where}: {b.label} not merged: {why}")
@@ -75,7 +88,9 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> int:
         kept = {id(b) for b, _ in refused}
         merged_terms.update(i for i, b, _ in members if id(b) not in kept)
         spec = branches.as_conv_spec(merged, root)
-        new_parts.append((insert_layer(ctx.gm, spec, merged.weight, merged.bias, source, before=root,
+        first_read = min((u for u in source.users), key=_position)  # where the branches first read it
+        new_parts.append((insert_layer(ctx.gm, spec, merged.weight, merged.bias, source,
+                                       before=first_read if _position(first_read) < _position(root) else root,
                                        name=merged.name), 1.0))
         rewrites += 1
     if not rewrites:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxreparam.graph import eliminate_dead_code
 from fxreparam.registry import PassContext, register_pass
 
 
@@ -45,6 +46,4 @@ def prune_unused(gm: fx.GraphModule) -> int:
 
 @register_pass("cleanup", "remove dead nodes and the parameters, buffers and modules nothing reads", order=1000)
 def cleanup(ctx: PassContext) -> int:
-    before = len(ctx.graph.nodes)
-    ctx.graph.eliminate_dead_code()
-    return before - len(ctx.graph.nodes) + prune_unused(ctx.gm)
+    return eliminate_dead_code(ctx.graph) + prune_unused(ctx.gm)

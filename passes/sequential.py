@@ -109,7 +109,7 @@ def _fold_pair(ctx: PassContext, outer: ops.Conv) -> int:
     like = outer.weight if outer.weight.numel() and outer.weight.dtype.is_floating_point else inner.weight
     template = ops.Conv(outer.node, inner.input, like, None, spec.stride, padding, spec.dilation, 1, False, (),
                         mode, outer.name)
-    emit(gm, template, weight, bias, inner.input, outer.node)
+    emit(gm, template, weight, bias, inner.input, outer.node, at=inner.node)
     if border is not None:
         for n in reversed(border.mutators):
             if not n.users:
@@ -129,7 +129,7 @@ def _fold_linear_pair(ctx: PassContext, outer: ops.Linear) -> int:
     bias = algebra.exact(outer.weight) @ algebra.exact(inner.bias) if inner.bias is not None else None
     if outer.bias is not None:
         bias = algebra.exact(outer.bias) + (bias if bias is not None else 0)
-    emit(ctx.gm, outer, weight, bias, inner.input, outer.node)
+    emit(ctx.gm, outer, weight, bias, inner.input, outer.node, at=inner.node)
     return 1
 
 
