@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -699,10 +698,3 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if b is not None:
         return "add_sub" if b.op in ("add", "sub") else "mul_div"
     return None
-
-
-def users_other_than(node: fx.Node, allowed: Iterable[fx.Node]) -> list[fx.Node]:
-    """The consumers of ``node`` outside ``allowed``."""
-    allowed = set(allowed)
-    return [u for u in node.users if u not in allowed]
-
