@@ -68,18 +68,13 @@ def _fold_pair(ctx: PassContext, outer: ops.Conv) -> int:
     if len(inner.kernel_size) != len(outer.kernel_size):
         return 0
     where = f"{ctx.label(inner.node, 'conv')} then {ctx.label(outer.node, 'conv')}"
-    if _pointwise(outer):  # kxk then 1x1
+    inner_bias = algebra.exact(inner.bias) if inner.bias is not None else None
+    if _pointwise(outer):  # kxk then 1x1: always exact
         if border is not None:
             return 0
-        weight = algebra.compose_pointwise(_dense(outer), _dense(inner))
-        spec, padding = inner, inner.padding
-        mode = inner.padding_mode
-        inner_bias = algebra.exact(inner.bias) if inner.bias is not None else None
-        bias = algebra.shift_through_kernel(outer.weight, inner_bias, groups=outer.groups) \
-            if inner_bias is not None else None
-    elif _pointwise(inner):  # 1x1 then kxk
-        inner_bias = algebra.exact(inner.bias) if inner.bias is not None else None
-        padding, mode = outer.padding, outer.padding_mode
+        spec, padding, mode = inner, inner.padding, inner.padding_mode
+    elif _pointwise(inner):  # 1x1 then kxk: exact where no border tap reads the 1x1's bias as 0
+        spec, padding, mode = outer, outer.padding, outer.padding_mode
         if border is not None:
             pads = border.pads
             if any(pads[2 * i] != pads[2 * i + 1] for i in range(len(pads) // 2)):
@@ -94,12 +89,12 @@ def _fold_pair(ctx: PassContext, outer: ops.Conv) -> int:
             ctx.refuse(outer.node, f"{where}: the kxk zero-pads the 1x1's output, whose bias is not zero "
                                    "(border taps would read the bias, not 0)")
             return 0
-        weight = algebra.compose_pointwise(_dense(outer), _dense(inner))
-        spec = outer
-        bias = algebra.shift_through_kernel(outer.weight, inner_bias, groups=outer.groups) \
-            if inner_bias is not None else None
     else:
         return 0  # two kxk convs grow the kernel and the cost: not a fold
+    # Either way the pair is outer's channel mixing applied to inner's kernel, and inner's bias through outer.
+    weight = algebra.compose_pointwise(_dense(outer), _dense(inner))
+    bias = algebra.shift_through_kernel(outer.weight, inner_bias, groups=outer.groups) if inner_bias is not None \
+        else None
     if outer.bias is not None:
         bias = algebra.exact(outer.bias) + (bias if bias is not None else 0)
     merged = ops.Conv(outer.node, inner.input, weight, bias, spec.stride, padding, spec.dilation, 1, False, (),
