@@ -6,7 +6,7 @@ and without count_include_pad), constant scales and shifts, explicit pads before
 and add/sub of any two earlier tensors, so that tensors get shared and unshared consumers. For every
 model ``optimize`` must return a module equal to the original (float32 relative error < 1e-5, float64
 < 1e-12) with its refusals reported - never a wrong result, never an unhandled exception.
-``HYPOTHESIS_PROFILE=fuzz`` runs 2,000 examples, ``FXREPARAM_FUZZ_EXAMPLES=10000`` as many as you ask.
+``FXREPARAM_FUZZ_EXAMPLES=10000`` runs as many as you ask; ``FXREPARAM_FUZZ_LOG=file`` logs each model.
 """
 
 from __future__ import annotations
@@ -110,3 +110,7 @@ def test_random_models_fold_exactly_or_are_left_alone(dims, ops, dtype, capture,
         err = rel_err(model(y), folded(y))
     assert err < (1e-12 if dtype == torch.float64 else 1e-5), err
     assert rep.after.conv <= rep.before.conv + sum(kind == "pool" for kind, *_ in ops)
+    if os.environ.get("FXREPARAM_FUZZ_LOG"):  # long runs: one line per model, to count and to replay
+        with open(os.environ["FXREPARAM_FUZZ_LOG"], "a") as log:
+            log.write(f"ok dims={dims} ops={len(ops)} {dtype} {capture} refused={len(rep.refusals)} "
+                      f"convs={rep.before.conv}->{rep.after.conv} err={err:.1e}\n")
