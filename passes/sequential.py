@@ -105,7 +105,7 @@ def _fold_pair(ctx: PassContext, outer: ops.Conv) -> int:
     template = ops.Conv(outer.node, inner.input, like, None, spec.stride, padding, spec.dilation, 1, False, (),
                         mode, outer.name)
     emit(gm, template, weight, bias, inner.input, outer.node, at=inner.node)
-    if border is not None:
+    if border is not None and border.mutators:  # the writes into the now unread pad
         for n in reversed(border.mutators):
             if not n.users:
                 gm.graph.erase_node(n)
