@@ -93,7 +93,7 @@ op = st.one_of(
 op_with_sources = st.tuples(op, st.integers(0, 7), st.integers(0, 7)).map(lambda t: (t[0][0], t[0][1], t[1], t[2]))
 
 
-@settings(max_examples=int(os.environ.get("FXREPARAM_FUZZ_EXAMPLES", 150)), deadline=None,
+@settings(max_examples=int(os.environ.get("FXREPARAM_FUZZ_EXAMPLES", 300)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(dims=st.sampled_from([1, 2, 2, 3]), ops=st.lists(op_with_sources, min_size=1, max_size=8),
        dtype=st.sampled_from([torch.float32, torch.float64]), capture=st.sampled_from(["export", "symbolic_trace"]),
