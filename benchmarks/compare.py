@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 import fxreparam
+from fxreparam.cli import time_ms
 from fxreparam.demo import DiracNet
 from fxreparam.testing import randomize_batch_norms
 
@@ -49,20 +48,6 @@ def build(name: str) -> tuple[nn.Module, int, bool]:
     return timm.create_model(name, pretrained=False), 224, True
 
 
-def median_ms(fn, x: torch.Tensor, repeat: int) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for i in range(repeat + 2):
-            sync()
-            start = time.perf_counter()
-            fn(x)
-            sync()
-            if i >= 2:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def inductor(model: nn.Module) -> nn.Module:
     torch._dynamo.reset()
     return torch.compile(model, backend="inductor", options={"freezing": True})
@@ -78,13 +63,13 @@ def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | 
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     folded = fxreparam.optimize(model, x)
     row = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "size": size}
-    row["a"] = median_ms(model, x, repeat)
-    row["b"] = median_ms(inductor(model), x, repeat)
-    row["c"] = median_ms(inductor(folded), x, repeat)
+    row["a"] = time_ms(model, x, repeat)
+    row["b"] = time_ms(inductor(model), x, repeat)
+    row["c"] = time_ms(inductor(folded), x, repeat)
     if has_timm:
         from timm.utils.model import reparameterize_model
 
-        row["d"] = median_ms(inductor(reparameterize_model(copy.deepcopy(model))), x, repeat)
+        row["d"] = time_ms(inductor(reparameterize_model(copy.deepcopy(model))), x, repeat)
     return row
 
 

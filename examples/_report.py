@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 import fxreparam
+from fxreparam.cli import time_ms
 
 
 def eager_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
-    """Median-free mean of ``repeats`` eager forward passes after one warm-up, in milliseconds."""
-    with torch.no_grad():
-        model(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-    return 1000 * (time.perf_counter() - start) / repeats
+    """Median eager forward time in milliseconds, after warm-up."""
+    return time_ms(model, x, repeats)
 
 
 def summarize(name: str, model: torch.nn.Module, folded: torch.nn.Module, x: torch.Tensor) -> None:

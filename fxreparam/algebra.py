@@ -14,7 +14,9 @@ import torch
 
 __all__ = [
     "Affine",
+    "affine_after",
     "affine_after_affine",
+    "affine_before",
     "bn_to_affine",
     "cast_like",
     "center_pad",
@@ -161,6 +163,24 @@ def identity_kernel(channels: int, in_per_group: int, kernel_size: Sequence[int]
     o = torch.arange(channels)
     w[(o, o % in_per_group, *center)] = 1.0
     return w
+
+
+def affine_after(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, *, groups: int = 1,
+                 transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of ``scale * layer(x) + shift`` (REPARAM §1, §8): ``W * a`` per output, ``b * a + c``."""
+    scale, shift = exact(affine[0]), exact(affine[1])
+    new_bias = (exact(bias) * scale if bias is not None else torch.zeros_like(scale)) + shift
+    return scale_output_channels(weight, scale, groups=groups, transposed=transposed), new_bias
+
+
+def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, *, groups: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of ``layer(scale * x + shift)`` where every tap reads real input (REPARAM §2)."""
+    scale, shift = exact(affine[0]), exact(affine[1])
+    new_bias = shift_through_kernel(weight, shift, groups=groups)
+    if bias is not None:
+        new_bias = new_bias + exact(bias)
+    return scale_input_channels(weight, scale, groups=groups), new_bias
 
 
 def compose_pointwise(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

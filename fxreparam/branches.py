@@ -114,8 +114,7 @@ def as_branch(gm: fx.GraphModule, node: fx.Node) -> Branch | None:
     if isinstance(vectors, str):
         return None
     scale, shift = vectors
-    weight = algebra.scale_output_channels(inner.weight, scale, groups=inner.groups)
-    bias = (inner.bias * scale if inner.bias is not None else 0) + shift
+    weight, bias = algebra.affine_after(inner.weight, inner.bias, (scale, shift), groups=inner.groups)
     kind = "bn" if affine.kind == "batch norm" else affine.kind
     return _replace(inner, weight=weight, bias=bias, label=f"{kind} '{affine.name}' of {inner.label}",
                     name=affine.name)

@@ -49,10 +49,7 @@ def fold_before(ctx: PassContext, node: fx.Node, consumer_kind: type) -> int:
         ctx.refuse(affine.node, f"{where}: {why}")
         return 0
     groups = layer.groups if isinstance(layer, ops.Conv) else 1
-    weight = algebra.scale_input_channels(layer.weight, scale, groups=groups)
-    bias = algebra.shift_through_kernel(layer.weight, shift, groups=groups)
-    if layer.bias is not None:
-        bias = bias + algebra.exact(layer.bias)
+    weight, bias = algebra.affine_before(layer.weight, layer.bias, (scale, shift), groups=groups)
     emit(ctx.gm, layer, weight, bias, affine.input, node, at=affine.node)
     return 1
 

@@ -23,8 +23,7 @@ def fold_affine_into_producer(ctx: PassContext, affine: ops.ChannelAffine, layer
     scale, shift = vectors
     transposed = isinstance(layer, ops.Conv) and layer.transposed
     groups = layer.groups if isinstance(layer, ops.Conv) else 1
-    weight = algebra.scale_output_channels(layer.weight, scale, groups=groups, transposed=transposed)
-    bias = (algebra.exact(layer.bias) * scale if layer.bias is not None else 0) + shift
+    weight, bias = algebra.affine_after(layer.weight, layer.bias, (scale, shift), groups=groups, transposed=transposed)
     emit(ctx.gm, layer, weight, bias, layer.input, affine.node, at=layer.node)
     return None
 

@@ -122,3 +122,17 @@ def test_cast_like_rounds_once_to_the_model_dtype():
     w = torch.randn(3, 3, dtype=torch.float16)
     out = algebra.cast_like(algebra.exact(w) * 2, w)
     assert out.dtype == torch.float16 and torch.equal(out, w * 2)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_affine_after_and_before_a_conv(groups):
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w, b = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a_out, c_out = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    w2, b2 = algebra.affine_after(w, b, (a_out, c_out), groups=groups)
+    expected = F.conv2d(x, w, b, groups=groups) * a_out.view(1, -1, 1, 1) + c_out.view(1, -1, 1, 1)
+    assert close(F.conv2d(x, w2, b2, groups=groups), expected)
+    a_in, c_in = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    w3, b3 = algebra.affine_before(w, b, (a_in, c_in), groups=groups)
+    expected = F.conv2d(x * a_in.view(1, -1, 1, 1) + c_in.view(1, -1, 1, 1), w, b, groups=groups)
+    assert close(F.conv2d(x, w3, b3, groups=groups), expected)
