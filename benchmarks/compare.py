@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import fxreparam
-from fxreparam.cli import time_ms
 from fxreparam.demo import DiracNet
 from fxreparam.testing import randomize_batch_norms
+from fxreparam.timing import time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

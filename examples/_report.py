@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import fxreparam
-from fxreparam.cli import time_ms
+from fxreparam.timing import time_ms
 
 
 def eager_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> float:

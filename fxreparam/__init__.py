@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import (
     algebra,
+    cost,
     ops,
     passes,  # noqa: F401  (registers the built-in passes)
 )
@@ -16,26 +17,45 @@ from .api import optimize
 from .backends import fxreparam_backend, region_reports
 from .capture import capture
 from .deploy import export_onnx, load, save
-from .errors import CaptureError, FxReparamError, VerificationError
-from .registry import Pass, PassContext, Refusal, get_pass, list_passes, register_pass, unregister_pass
+from .errors import CaptureError, CaptureInputError, FxReparamError, ShapeError, VerificationError
+from .graph import emit
+from .pipeline import BUILTIN_ORDER
+from .registry import (
+    NotExact,
+    Pass,
+    PassContext,
+    PassError,
+    Refusal,
+    get_pass,
+    list_passes,
+    register_pass,
+    unregister_pass,
+)
 from .report import OpCounts, Report, count_ops, report
 from .verify import Verification
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUILTIN_ORDER",
     "CaptureError",
+    "CaptureInputError",
     "FxReparamError",
+    "NotExact",
     "OpCounts",
     "Pass",
     "PassContext",
+    "PassError",
     "Refusal",
     "Report",
+    "ShapeError",
     "Verification",
     "VerificationError",
     "algebra",
     "capture",
+    "cost",
     "count_ops",
+    "emit",
     "export_onnx",
     "fxreparam_backend",
     "get_pass",

@@ -1,13 +1,14 @@
 """The kernel algebra: pure tensor functions that every pass builds kernels with.
 
 Each function upcasts to float64 for the arithmetic (``exact``), and callers cast
-the final kernel back to the model's dtype with :func:`cast_like`, so a fold adds
+the final kernel back to the model's dtype with :func:`cast_to`, so a fold adds
 one rounding at most. Shapes follow PyTorch: a conv weight is ``[O, I/g, *k]``,
 a transposed-conv weight ``[I, O/g, *k]``, a linear weight ``[O, I]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,13 +16,16 @@ import torch
 __all__ = [
     "Affine",
     "affine_after",
-    "affine_after_affine",
     "affine_before",
+    "avg_pool_kernel",
     "bn_to_affine",
-    "cast_like",
+    "cast_to",
     "center_pad",
-    "compose_pointwise",
+    "coarsest_groups",
+    "compose",
+    "compose_bias",
     "exact",
+    "finite",
     "identity_kernel",
     "regroup",
     "scale_input_channels",
@@ -40,9 +44,15 @@ def exact(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_complex() else t.to(torch.float64)
 
 
-def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` cast to ``like``'s dtype and device: folds are computed exactly, stored as the model's."""
-    return t.to(dtype=like.dtype, device=like.device).contiguous()
+def cast_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` cast to the model's dtype and device: folds are computed exactly, stored as the model's."""
+    return t.to(dtype=dtype, device=device).contiguous()
+
+
+def finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every entry is finite: a kernel built from an inf or nan scale would put nan where the
+    original computes +-inf, so such folds are refused (REPARAM §1, §8)."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def bn_to_affine(
@@ -58,12 +68,6 @@ def bn_to_affine(
     beta = exact(bias) if bias is not None else torch.zeros_like(mean)
     a = gamma / torch.sqrt(var + eps)
     return a, beta - mean * a
-
-
-def affine_after_affine(first: Affine, second: Affine) -> Affine:
-    """The composition ``second(first(x))`` of two per-channel affine maps."""
-    (a1, c1), (a2, c2) = first, second
-    return a1 * a2, c1 * a2 + c2
 
 
 def _channel_view(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -146,6 +150,44 @@ def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
     return result
 
 
+def _block_diagonal(w: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor | None:
+    """``w`` (``[O, I/groups, *k]``) at ``new_groups`` groups if every tap outside those diagonal blocks is zero."""
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    in_ch = in_per_group * groups
+    if out_ch % new_groups or in_ch % new_groups:
+        return None
+    o = torch.arange(out_ch).unsqueeze(1)
+    absolute = (o // (out_ch // groups)) * in_per_group + torch.arange(in_per_group).unsqueeze(0)  # [O, I/g]
+    allowed = absolute // (in_ch // new_groups) == o // (out_ch // new_groups)
+    if bool(w[~allowed].any()):
+        return None
+    return w[allowed].reshape(out_ch, in_ch // new_groups, *w.shape[2:])
+
+
+def coarsest_groups(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """The same conv kernel at the largest group count whose off-diagonal blocks are all zero (REPARAM §9).
+
+    A fold that built ``[O, I/g, *k]`` may have produced a block-diagonal kernel (a depthwise branch
+    composed with a depthwise pool); stored with more groups it costs that many times less.
+    """
+    w = exact(weight)
+    out_ch, in_ch = w.shape[0], w.shape[1] * groups
+    rest = math.gcd(out_ch, in_ch) // groups if math.gcd(out_ch, in_ch) % groups == 0 else 1
+    p = 2
+    while rest > 1:
+        if rest % p:
+            p += 1
+            continue
+        finer = _block_diagonal(w, groups, groups * p)
+        rest //= p
+        if finer is not None:
+            w, groups = finer, groups * p
+        else:
+            while rest % p == 0:  # no block structure at p: none at any power of p either
+                rest //= p
+    return w, groups
+
+
 def sum_kernels(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """The kernel of a sum of convs that share stride, padding alignment and groups: the sum of kernels."""
     total = exact(weights[0]).clone()
@@ -183,15 +225,40 @@ def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affin
     return scale_input_channels(weight, scale, groups=groups), new_bias
 
 
-def compose_pointwise(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``outer(inner(x))`` where one of them is a 1x1 (or linear) map, groups 1 (REPARAM §6).
+def avg_pool_kernel(channels: int, kernel_size: Sequence[int]) -> torch.Tensor:
+    """The depthwise kernel of an average pool: ``1 / prod(k)`` at every tap (REPARAM §7)."""
+    return torch.full((channels, 1, *kernel_size), 1.0 / math.prod(kernel_size), dtype=torch.float64)
 
-    ``outer``: ``[O, M, *k_o]``, ``inner``: ``[M, I, *k_i]``; one of ``k_o``, ``k_i`` is all ones.
-    Linear weights ``[O, M]`` and ``[M, I]`` compose the same way.
+
+def compose(outer: torch.Tensor, outer_groups: int, inner: torch.Tensor, inner_groups: int
+            ) -> tuple[torch.Tensor, int]:
+    """Kernel and groups of ``outer(inner(x))`` where one of the two is pointwise (1x1, or linear) (REPARAM §6, §9).
+
+    The two compose per group at ``gcd`` of their group counts (a grouped 1x1 then a kxk with the same
+    groups stays grouped). ``outer``: ``[O, M/go, *k_o]``, ``inner``: ``[M, I/gi, *k_i]``; linear weights
+    ``[O, M]`` and ``[M, I]`` compose the same way.
     """
-    v, u = exact(outer), exact(inner)
-    if all(k == 1 for k in v.shape[2:]):  # pointwise after kxk: mix the kxk's output channels
-        return torch.einsum("om,mi...->oi...", v.flatten(1) if v.dim() > 2 else v, u)
-    if all(k == 1 for k in u.shape[2:]):  # kxk after pointwise: mix the kxk's input channels
-        return torch.einsum("om...,mi->oi...", v, u.flatten(1) if u.dim() > 2 else u)
-    raise ValueError("compose_pointwise needs one pointwise (1x1) kernel")
+    groups = math.gcd(outer_groups, inner_groups)
+    v, u = regroup(outer, outer_groups, groups), regroup(inner, inner_groups, groups)
+    o, m, i = v.shape[0], u.shape[0], u.shape[1]
+    v = v.reshape(groups, o // groups, m // groups, *v.shape[2:])
+    u = u.reshape(groups, m // groups, i, *u.shape[2:])
+    if all(k == 1 for k in v.shape[3:]):  # pointwise after kxk: mix the kxk's output channels
+        w = torch.einsum("gom,gmi...->goi...", v.flatten(3).squeeze(-1) if v.dim() > 3 else v, u)
+    elif all(k == 1 for k in u.shape[3:]):  # kxk after pointwise: mix the kxk's input channels
+        w = torch.einsum("gom...,gmi->goi...", v, u.flatten(3).squeeze(-1) if u.dim() > 3 else u)
+    else:
+        raise ValueError("compose needs one pointwise (1x1) kernel")
+    return w.reshape(o, i, *w.shape[3:]), groups
+
+
+def compose_bias(outer: torch.Tensor, outer_bias: torch.Tensor | None, outer_groups: int,
+                 inner_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Bias of ``outer(inner(x))``: the inner bias through the outer kernel, plus the outer bias.
+
+    Exact where every tap of ``outer`` reads the inner layer's output (no zero padding between them).
+    """
+    bias = shift_through_kernel(outer, inner_bias, groups=outer_groups) if inner_bias is not None else None
+    if outer_bias is not None:
+        bias = exact(outer_bias) if bias is None else bias + exact(outer_bias)
+    return bias

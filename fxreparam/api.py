@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from . import deploy
+from .capture import Captured
 from .capture import capture as capture_graph
 from .errors import VerificationError
 from .finalize import finalize
-from .manager import replay, run_passes
-from .registry import Pass, get_pass, list_passes
+from .pipeline import replay, run_passes
+from .registry import Pass, list_passes, resolve
 from .report import Report, count_ops
-from .verify import TOLERANCE, Verification, compare, float64_copy
+from .verify import Reference, Verification
 
 __all__ = ["optimize"]
 
@@ -32,122 +36,209 @@ def _as_args(example_inputs: Any) -> tuple | None:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _select(passes: Sequence[str | Pass] | None, skip: Iterable[str]) -> list[Pass]:
-    chosen = list_passes() if passes is None else [p if isinstance(p, Pass) else get_pass(p) for p in passes]
-    skip = set(skip)
-    unknown = skip - {p.name for p in list_passes()}
-    if unknown:
-        raise KeyError(f"cannot skip unknown passes {sorted(unknown)}; registered: {[p.name for p in list_passes()]}")
-    return [p for p in chosen if p.name not in skip]
+def _select(passes: str | Pass | Sequence[str | Pass] | None, skip: str | Iterable[str] | None) -> list[Pass]:
+    """The passes to run, in pipeline order: ``passes`` (default all) less ``skip``; unknown names raise KeyError."""
+    chosen = list_passes() if passes is None else resolve(passes)
+    skipped = {p.name for p in resolve(skip)} if skip else set()
+    return [p for p in chosen if p.name not in skipped]
 
 
-def _model_dtype(model: nn.Module, args: tuple) -> torch.dtype:
-    for t in [*model.parameters(), *model.buffers(), *args]:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return t.dtype
-    return torch.float32
+def _check_call(model: Any, args: tuple | None, kwargs: dict[str, Any]) -> None:
+    """Refuse what cannot be optimized before any work: not a module, or weights that hold no values."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxreparam.optimize takes a torch.nn.Module, not {type(model).__name__}: wrap a function "
+                        "in an nn.Module whose forward calls it")
+    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        more = f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else ""
+        raise ValueError(f"{type(model).__name__} has parameters or buffers ({', '.join(on_meta[:3])}{more}) that hold "
+                         "no values, on the meta device: load real weights first (model.to_empty(device='cpu') then "
+                         "load_state_dict, or load_state_dict(..., assign=True))")
+    inputs = pytree.tree_leaves((args, kwargs))
+    if any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
+        raise ValueError("an example input is on the meta device, which holds no values: give real tensors")
+
+
+def _float64_twin(model: nn.Module) -> Callable[..., Any] | None:
+    """``model`` run with float64 copies of its floating parameters and buffers (no copy of the module itself);
+    None where nothing is to be converted (the model is float64 already)."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    if all(t.dtype == torch.float64 or not t.is_floating_point() for t in tensors.values()):
+        return None
+    as64 = {name: t.detach().double() if t.is_floating_point() else t for name, t in tensors.items()}
+    return lambda *args, **kwargs: torch.func.functional_call(model, as64, args, kwargs)
+
+
+def _dynamic_dims(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> list[Any] | None:
+    """Per flattened example input, the dims the capture left dynamic: as capture recorded them (dim -> sizes),
+    else read from the graph's placeholders (symbolic sizes)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    recorded = getattr(captured, "dynamic_dims", None)
+    if recorded and len(recorded) == len(leaves):
+        return list(recorded)
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(leaves):
+        return None
+    return [tuple(d for d, n in enumerate(getattr(node.meta.get("val"), "shape", ())) if isinstance(n, torch.SymInt))
+            for node in placeholders]
+
+
+@contextlib.contextmanager
+def _progress(on: bool) -> Iterator[None]:
+    """With ``on``: the ``fxreparam`` logger's INFO lines go to stderr for the duration of the call."""
+    if not on:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fxreparam: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def optimize(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    passes: Sequence[str | Pass] | None = None,
-    skip: Iterable[str] = (),
+    passes: str | Pass | Sequence[str | Pass] | None = None,
+    skip: str | Iterable[str] | None = (),
     verify: bool = True,
     backend: str | None = None,
     example_kwargs: dict[str, Any] | None = None,
     capture: str = "auto",
     tolerance: float | None = None,
     backend_options: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> Any:
     """A new module computing ``model``'s inference (eval-mode) function with its structure folded.
 
-    ``example_inputs`` (a tensor or a tuple of positional inputs; keyword inputs in
-    ``example_kwargs``) selects ``torch.export`` capture and enables verification; without
-    them the model is traced with ``symbolic_trace`` and not verified. ``passes`` picks
-    registered passes by name (default: all), ``skip`` removes some. ``capture`` picks the
-    tracer: ``"auto"``, ``"export"`` or ``"symbolic_trace"`` (fastest on very deep models).
-    ``tolerance`` overrides the relative error allowed for the model's dtype.
+    Args:
+        model: the ``nn.Module`` to fold; never modified (a model in training mode gets a warning and is
+            folded as in eval mode).
+        example_inputs: a tensor or a tuple of positional inputs. With them the model is captured with
+            ``torch.export`` and the result is verified; without them it is traced with ``symbolic_trace``
+            and not verified.
+        passes: the passes to run, by name, alias or :class:`Pass` (one, or a list); default all of them.
+        skip: passes not to run (one name or a list); an unknown name raises ``KeyError``.
+        verify: compare the result with the original (see :mod:`fxreparam.verify`): per output channel,
+            against a float64 run of the original, on the examples, one random input set and, where the
+            capture is dynamic, another batch size.
+        backend: ``None``/``"eager"`` returns the folded module; ``"inductor"`` that module under
+            ``torch.compile`` (freezing on); ``"aot_inductor"`` a ``(runner, package_path)`` pair;
+            ``"tensorrt"`` a TensorRT module (see :func:`fxreparam.deploy.deploy`).
+        example_kwargs: keyword inputs of ``forward``.
+        capture: ``"auto"``, ``"export"`` or ``"symbolic_trace"`` (fastest on very deep models).
+        tolerance: the relative error per channel always allowed (default by dtype,
+            :data:`fxreparam.verify.FLOOR`); the model's own rounding can raise it channel by channel.
+        backend_options: options of ``backend`` (e.g. ``{"path": ...}``); unknown keys raise ``ValueError``.
+        progress: print each step (capture, passes, verification) and its time to stderr, through the
+            ``"fxreparam"`` logger at INFO level (which can also be configured directly).
 
-    ``backend``: ``None``/``"eager"`` returns the folded module; ``"inductor"`` that module under
-    ``torch.compile`` (Inductor, freezing on); ``"aot_inductor"`` a ``(runner, package_path)`` pair
-    (``backend_options={"path": ...}``); ``"tensorrt"`` a TensorRT module (``backend_options``:
-    ``precision``, ``shapes``, ``path``; see :func:`fxreparam.deploy.tensorrt`). With ``verify`` the
-    result is compared with the original in float64 and a :class:`VerificationError`
-    names the first pass that made them differ. The user's model is never modified.
-    ``fxreparam.report(result)`` tells what was done.
+    Returns:
+        The folded module (or what ``backend`` made of it); ``fxreparam.report(result)`` tells what was done.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: weights or inputs on the meta device, an unknown ``backend``, ``capture`` or backend option.
+        KeyError: an unknown pass name in ``passes`` or ``skip``.
+        CaptureError: neither ``torch.export`` nor ``symbolic_trace`` takes the model.
+        VerificationError: the result computes something else than the model (``.pass_name`` names the first
+            pass after which the outputs diverge), or it could not be verified (``.pass_name`` is None).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    with _progress(progress):
+        return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture, tolerance,
+                         backend_options)
+
+
+def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, verify: bool, backend: str | None,
+              example_kwargs: dict[str, Any] | None, capture: str, tolerance: float | None,
+              backend_options: dict[str, Any] | None) -> Any:
+    """:func:`optimize`'s body, after its arguments."""
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    _check_call(model, args, kwargs)
+    if backend not in deploy.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {deploy.BACKENDS}")
+    selected = _select(passes, skip)
     if model.training:
         warnings.warn(f"{type(model).__name__} is in training mode: fxreparam folds its inference (eval) function; "
-                      "the model itself is left in training mode", stacklevel=2)
+                      "the model itself is left in training mode", stacklevel=3)
     start = time.perf_counter()
-    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    selected = _select(passes, skip)
     work = copy.deepcopy(model).eval()
-    log.info("capturing %s ...", type(model).__name__)
+    log.info("capturing %s (%s) ...", type(model).__name__, capture)
     captured = capture_graph(work, args, kwargs, capture)
     gm = captured.gm
     log.info("captured %d nodes with %s in %.2f s", len(gm.graph.nodes), captured.method, captured.seconds)
-    before = count_ops(gm)
-    passlog = run_passes(gm, selected)
-    log.info("ran %d passes to a fixpoint in %d rounds: %d rewrites", len(selected), passlog.rounds,
-             sum(s.rewrites for s in passlog.stats.values()))
-    folded = finalize(gm, class_name=f"Folded{type(model).__name__}")
 
-    verification, note = None, "skipped (verify=False)"
+    reference, note, verify_seconds = None, "skipped (verify=False)", 0.0
     if verify and args is None:
         note = "skipped: no example inputs to run the model on"
-    elif verify:
-        tol = tolerance if tolerance is not None else TOLERANCE.get(_model_dtype(model, args), 1e-4)
-        log.info("verifying against the original in float64 ...")
-        reference = float64_copy(work)
-        verification = compare(reference, float64_copy(folded), args, kwargs, tol)
+    elif verify:  # the original's outputs, before any pass runs (a pass must not be able to change them)
+        tick = time.perf_counter()
+        reference = Reference(work, args, kwargs, original64=_float64_twin(work),
+                              dynamic=_dynamic_dims(captured, args, kwargs), floor=tolerance,
+                              covers=getattr(captured, "check_inputs", None))
+        verify_seconds = time.perf_counter() - tick
+
+    before = count_ops(gm)
+    tick = time.perf_counter()
+    passlog = run_passes(gm, selected)
+    folded = finalize(gm, class_name=f"Folded{type(model).__name__}")
+    log.info("ran %d passes to a fixpoint in %d rounds and finalized in %.2f s: %d rewrites", len(selected),
+             passlog.rounds, time.perf_counter() - tick, sum(s.rewrites for s in passlog.stats.values()))
+
+    verification: Verification | None = None
+    if reference is not None:
+        tick = time.perf_counter()
+        verification = reference.check(folded)
+        verify_seconds += time.perf_counter() - tick
+        log.info("verified against the original in %.2f s: %s", verify_seconds, verification)
+        if not verification.checked:
+            raise VerificationError(
+                f"could not verify the optimized {type(model).__name__}: {verification.note}. Give example inputs "
+                "the model computes something on, or pass verify=False to accept the result unverified.",
+                pass_name=None, error=verification.error, tolerance=verification.tolerance,
+                verification=verification)
         if not verification.ok:
             by_name = {p.name: p for p in selected}
-            log.info("verification failed (%s); replaying the passes one by one to find the culprit", verification)
+            log.info("replaying the passes one by one to find the one that changed the outputs ...")
             raise _blame(model, args, kwargs, reference, [by_name[n] for n in passlog.schedule], verification,
                          captured.method_key)
     folded.fxreparam_report = Report(
         model=type(model).__name__, capture=captured.method, capture_seconds=captured.seconds,
         optimize_seconds=time.perf_counter() - start - captured.seconds, passes=list(passlog.stats.values()),
         refusals=passlog.refusals, before=before, after=count_ops(folded), verification=verification,
-        verification_note=note, rounds=passlog.rounds)
-    return _deploy(folded, backend, args, dict(backend_options or {}))
+        verification_note=note, rounds=passlog.rounds, verify_seconds=verify_seconds)
+    if backend not in (None, "eager"):
+        log.info("handing the folded module to %s ...", backend)
+    return deploy.deploy(folded, backend, args, dict(backend_options or {}))
 
 
-BACKENDS = (None, "eager", "inductor", "aot_inductor", "tensorrt")
-
-
-def _deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: dict[str, Any]) -> Any:
-    """The folded module handed to ``backend`` (see :func:`optimize`)."""
-    if backend in (None, "eager"):
-        return folded
-    if args is None:
-        raise ValueError(f"backend={backend!r} needs example inputs")
-    if backend == "inductor":
-        compiled = torch.compile(folded, backend="inductor", options={"freezing": True, **options})
-        compiled.fxreparam_report = folded.fxreparam_report
-        return compiled
-    if backend == "aot_inductor":
-        return deploy.aot_inductor(folded, args, options.pop("path", "folded.pt2"))
-    return deploy.tensorrt(folded, args, **options)
-
-
-def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: nn.Module, schedule: list[Pass],
-           failed: Verification, method: str) -> VerificationError:
-    """Replay the passes one by one on a fresh capture and name the first after which outputs diverge."""
-    gm: fx.GraphModule = capture_graph(copy.deepcopy(model).eval(), args, kwargs, method).gm
-    culprit, error = "finalize", failed.error
+def blame(fresh: Callable[[], fx.GraphModule], reference: Reference, schedule: list[Pass],
+          failed: Verification) -> tuple[str, Verification]:
+    """Replay ``schedule`` one pass at a time on a ``fresh()`` capture; the first pass after which
+    ``reference`` no longer accepts the graph, and that check ("finalize" if every pass was fine)."""
+    gm = fresh()
     for p in replay(gm, schedule):
-        step = compare(reference, float64_copy(gm), args, kwargs, failed.tolerance)
+        step = reference.check(gm)
         if not step.ok:
-            culprit, error = p.name, step.error
-            break
+            return p.name, step
+    return "finalize", failed
+
+
+def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: Reference, schedule: list[Pass],
+           failed: Verification, method: str) -> VerificationError:
+    """The :class:`VerificationError` naming the first pass after which the outputs diverge."""
+    culprit, step = blame(lambda: capture_graph(copy.deepcopy(model).eval(), args, kwargs, method).gm,
+                          reference, schedule, failed)
+    remedy = (f"run again with skip=[{culprit!r}] to optimize without it" if culprit != "finalize" else
+              "every pass kept the outputs, so building the final module changed them")
     return VerificationError(
-        f"pass {culprit!r} changed {type(model).__name__}'s outputs: relative error {error:.3e} exceeds "
-        f"{failed.tolerance:.0e} (float64, example and random inputs). Nothing was returned; run again with "
-        f"skip=[{culprit!r}] to optimize without it, and please report the model.",
-        pass_name=culprit, error=error, tolerance=failed.tolerance)
+        f"{'pass ' + repr(culprit) if culprit != 'finalize' else 'finalize'} changed {type(model).__name__}'s "
+        f"outputs: {step}. Nothing was returned; {remedy}, and please report the model.",
+        pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)

@@ -1,37 +1,42 @@
-"""Hand the folded graph to a compiler: the ``"fxreparam"`` torch.compile backend and ``optimize(backend=...)``.
+"""The ``"fxreparam"`` torch.compile backend: fold every graph Dynamo captures, verify it, compile it.
 
 ``torch.compile(model, backend="fxreparam")`` runs the pass pipeline on every graph Dynamo
 captures (graph breaks included, so a model no tracer takes whole still folds region by region)
-and hands the result to an inner compiler, Inductor by default. Dynamo passes parameters and
-buffers as graph inputs; the backend *freezes* them, as Inductor's ``freezing`` does: their values
-are read once, at compile time, and the compiled model is for inference. Change a weight and
-compile again (``torch._dynamo.reset()``).
+and hands the result to an inner compiler, Inductor by default (with its freezing on). Dynamo passes
+parameters and buffers as graph inputs; the backend *freezes* them, as Inductor's ``freezing`` does:
+their values are read once, at compile time, and the compiled model is for inference. Change a weight
+and compile again (``torch._dynamo.reset()``). A region whose fold fails verification never breaks the
+user's ``torch.compile``: the pass to blame is named in a warning and the region's report, and the region
+is compiled without it (or unfolded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import FxReparamError
+from .deploy import INNER_COMPILERS, compile_with
 from .finalize import finalize
-from .manager import run_passes
-from .ops import _clean_path
-from .registry import list_passes
+from .meta import clean_path
+from .pipeline import run_passes
+from .registry import Pass, list_passes
 from .report import Report, count_ops
-from .verify import TOLERANCE, compare, float64_copy
+from .verify import Reference, Verification
 
-__all__ = ["INNER_COMPILERS", "compile_with", "freeze", "fxreparam_backend", "region_reports"]
+__all__ = ["freeze", "fxreparam_backend", "region_reports"]
 
 log = logging.getLogger("fxreparam")
 
-INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 _REPORTS: list[Report] = []
+_MAX_DROPPED = 3  # passes dropped one by one from a failing region before it is compiled unfolded
 
 
 def region_reports() -> list[Report]:
@@ -47,7 +52,7 @@ def _stored_tensor(node: fx.Node, value: Any) -> str | None:
     name = arg.source.name() if arg is not None and callable(getattr(arg.source, "name", None)) else (
         getattr(getattr(arg, "source", None), "name", None))
     if isinstance(name, str) and ("._parameters[" in name or "._buffers[" in name):
-        return _clean_path(name)
+        return clean_path(name)
     if isinstance(value, nn.Parameter):
         return node.name
     return None
@@ -78,52 +83,92 @@ def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphM
     return gm, keep
 
 
-def compile_with(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """Compile a folded graph with an inner compiler: ``"inductor"``, ``"eager"`` or ``"tensorrt"``."""
-    if inner == "eager":
-        return gm
-    if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
+def _fold(gm: fx.GraphModule, example_inputs: Sequence[Any], passes: list[Pass]) -> tuple[fx.GraphModule, Any, Any]:
+    """Freeze a copy of ``gm`` and fold it with ``passes``: the folded graph, its op counts before, its pass log."""
+    frozen, _ = freeze(copy.deepcopy(gm), example_inputs)
+    before = count_ops(frozen)
+    passlog = run_passes(frozen, passes)
+    return finalize(frozen, class_name="FoldedRegion"), before, passlog
 
-        return compile_fx(gm, list(example_inputs))
-    if inner == "tensorrt":
-        try:
-            import torch_tensorrt  # noqa: F401  (registers the "tensorrt" dynamo backend)
-        except ImportError as err:
-            raise FxReparamError("inner='tensorrt' needs torch-tensorrt: pip install 'fxreparam[tensorrt]'") from err
-        from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("tensorrt")(gm, list(example_inputs))
-    raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
+def _region_reference(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: list[int]) -> Reference:
+    """The region's own outputs on its runtime inputs, in its dtype and in float64 (frozen values converted too)."""
+    frozen = {i: x.detach() for i, x in enumerate(example_inputs) if i not in keep}
+    frozen64 = {i: x.double() if x.is_floating_point() else x for i, x in frozen.items()}
+
+    def call(values: dict[int, Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            it = iter(args)
+            return gm(*[values[i] if i in values else next(it) for i in range(len(example_inputs))])
+
+        return run
+
+    as64 = any(x.is_floating_point() and x.dtype != torch.float64 for x in frozen.values())
+    return Reference(call(frozen), tuple(example_inputs[i] for i in keep),
+                     original64=call(frozen64) if as64 or not frozen else None)
 
 
 def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
                       mode: str | None = None) -> Callable[..., Any]:
     """The ``"fxreparam"`` torch.compile backend: freeze, fold, verify, then compile with ``options["inner"]``.
 
-    Options: ``inner`` (``"inductor"``, ``"eager"``, ``"tensorrt"``), ``verify`` (default ``True``).
+    Options: ``inner`` (``"inductor"``, ``"eager"``, ``"tensorrt"``), ``verify`` (default ``True``). A fold that
+    fails verification is not raised: the culprit pass is dropped for this region, with a warning.
     """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
     verify = options.pop("verify", True)
     if options:
         raise ValueError(f"unknown fxreparam backend options {sorted(options)}; known: inner, verify")
-    frozen, keep = freeze(copy.deepcopy(gm), example_inputs)  # the original stays for verification
-    before = count_ops(frozen)
-    passlog = run_passes(frozen, list_passes())
-    folded = finalize(frozen, class_name="FoldedRegion")
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
+    start = time.perf_counter()
+    _, keep = freeze(copy.deepcopy(gm), example_inputs)
+    capture_seconds = time.perf_counter() - start
+    passes = list_passes()
+    folded, before, passlog = _fold(gm, example_inputs, passes)
     runtime_inputs = [example_inputs[i] for i in keep]
-    verification = None
-    if verify and all(isinstance(x, torch.Tensor) for x in runtime_inputs):
-        verification = _verify_region(gm, example_inputs, keep, folded)
-    report = Report(model="torch.compile region", capture="Dynamo", capture_seconds=0.0, optimize_seconds=0.0,
+    verification: Verification | None = None
+    notes: list[str] = []
+    note, verify_seconds = "skipped (verify=False)", 0.0
+    if verify and not all(isinstance(x, torch.Tensor) for x in runtime_inputs):
+        note = "skipped: the region takes symbolic sizes as inputs"
+    elif verify:
+        tick = time.perf_counter()
+        reference = _region_reference(gm, example_inputs, keep)
+        verification = reference.check(folded)
+        dropped: list[str] = []
+        while verification is not None and not verification.ok:
+            culprit = _culprit(gm, example_inputs, reference, passes, passlog.schedule, verification)
+            if culprit == "finalize" or not verification.checked or len(dropped) >= _MAX_DROPPED:
+                notes.append(f"the folded region failed verification ({verification}); compiled unfolded")
+                _warn(f"a torch.compile region could not be folded exactly ({verification}); it was compiled "
+                      "unfolded. Please report the model.")
+                folded, keep, verification = None, list(range(len(example_inputs))), None
+                note = "not applicable: the region was compiled unfolded"
+                break
+            dropped.append(culprit)
+            notes.append(f"pass {culprit!r} changed the region's outputs ({verification}); recompiled without it")
+            _warn(f"pass {culprit!r} changed a torch.compile region's outputs ({verification}); the region was "
+                  f"compiled without it. Please report the model.")
+            passes = [p for p in passes if p.name != culprit]
+            folded, before, passlog = _fold(gm, example_inputs, passes)
+            verification = reference.check(folded)
+        verify_seconds = time.perf_counter() - tick
+    optimize_seconds = time.perf_counter() - start - capture_seconds
+    target = folded if folded is not None else gm
+    tick = time.perf_counter()
+    compiled = _compile(inner, target, [example_inputs[i] for i in keep])
+    notes.append(f"inner compiler {inner}: {time.perf_counter() - tick:.2f} s")
+    report = Report(model="torch.compile region", capture="Dynamo (parameters frozen)",
+                    capture_seconds=capture_seconds, optimize_seconds=optimize_seconds,
                     passes=list(passlog.stats.values()), refusals=passlog.refusals, before=before,
-                    after=count_ops(folded), verification=verification,
-                    verification_note="skipped" if verification is None else "", rounds=passlog.rounds)
+                    after=count_ops(target), verification=verification, verification_note=note,
+                    rounds=passlog.rounds, notes=notes, verify_seconds=verify_seconds)
     _REPORTS.append(report)
-    log.info("fxreparam backend: region of %d ops folded to %d convs, %d batch norms; inner compiler %s",
-             sum(before.as_dict().values()) - before.parameters, report.after.conv, report.after.batch_norm, inner)
-    compiled = compile_with(inner, folded, runtime_inputs)
+    log.info("fxreparam backend: region of %d ops folded to %d convs, %d batch norms in %.2f s; inner compiler %s",
+             sum(before.as_dict().values()) - before.parameters, report.after.conv, report.after.batch_norm,
+             optimize_seconds, inner)
 
     def run(*args: Any) -> Any:
         return compiled(*[args[i] for i in keep])
@@ -131,24 +176,25 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     return run
 
 
-def _verify_region(original: fx.GraphModule, example_inputs: Sequence[Any], keep: list[int],
-                   folded: fx.GraphModule):
-    """Compare the folded region with the original graph in float64; raise on a mismatch."""
-    from .errors import VerificationError
+def _culprit(gm: fx.GraphModule, example_inputs: Sequence[Any], reference: Reference, passes: list[Pass],
+             schedule: list[str], failed: Verification) -> str:
+    """The first pass after which the region's outputs diverge, replayed on a fresh frozen copy."""
+    from .api import blame
 
-    frozen_values = {i: x for i, x in enumerate(example_inputs) if i not in keep}
-    original64 = float64_copy(original)
-    frozen64 = {i: x.detach().double() if x.is_floating_point() else x for i, x in frozen_values.items()}
+    by_name = {p.name: p for p in passes}
+    name, _ = blame(lambda: freeze(copy.deepcopy(gm), example_inputs)[0], reference,
+                    [by_name[n] for n in schedule if n in by_name], failed)
+    return name
 
-    def reference(*args: Any) -> Any:
-        it = iter(args)
-        return original64(*[frozen64[i] if i in frozen64 else next(it) for i in range(len(example_inputs))])
 
-    dtype = next((x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()),
-                 torch.float32)
-    result = compare(reference, float64_copy(folded), tuple(example_inputs[i] for i in keep), {},
-                     TOLERANCE.get(dtype, 1e-4))
-    if not result.ok:
-        raise VerificationError(f"the fxreparam backend changed a graph's outputs: {result}", pass_name=None,
-                                error=result.error, tolerance=result.tolerance)
-    return result
+def _warn(message: str) -> None:
+    warnings.warn(f"fxreparam: {message}", UserWarning, stacklevel=3)
+
+
+def _compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """The inner compile; Inductor gets its freezing treatment (the weights are constants of the graph now)."""
+    import torch._inductor.config
+
+    patch = torch._inductor.config.patch(freezing=True) if inner == "inductor" else contextlib.nullcontext()
+    with patch:
+        return compile_with(inner, gm, example_inputs)

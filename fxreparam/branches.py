@@ -4,39 +4,41 @@ RepVGG, ACNet, DBB and MobileOne blocks are sums whose terms are convs, BN-only 
 the identity, all reading one tensor. :func:`sum_terms` flattens an add/sub tree into signed
 terms; :func:`as_branch` reads a term as a conv of an input (a conv, a BN or per-channel affine
 of something, an exact average pool, or the bare input itself); :func:`merge` checks
-REPARAM §3's conditions and builds the single kernel with :mod:`fxreparam.algebra`.
+REPARAM §3's conditions and builds the single kernel with :mod:`fxreparam.algebra`;
+:func:`fold_sum` rewrites one sum, for the ``branch_sum`` and ``identity`` passes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import fx
 
-from . import algebra, ops
+from . import algebra, cost, ops
+from .graph import insert_layer, position
+from .graph import replace as replace_node
+from .meta import Storage, concrete_shape, module_path, rank, storage
+from .registry import PassContext
+from .spec import ConvSpec, Layer
 
-__all__ = ["Branch", "as_branch", "as_conv_spec", "identity_branch", "merge", "pool_as_conv", "sum_root",
-           "sum_terms"]
+__all__ = ["Branch", "as_branch", "fold_sum", "identity_branch", "merge", "pool_as_conv", "sum_root", "sum_terms"]
 
 
 @dataclass(frozen=True)
 class Branch:
-    """``conv(input; weight, bias, ...)`` in float64, standing for one term of a sum."""
+    """``conv(input; weight, bias, spec)`` with a float64 kernel, standing for one term of a sum."""
 
     input: fx.Node
+    spec: ConvSpec
     weight: torch.Tensor
     bias: torch.Tensor | None
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    padding_mode: str
+    storage: Storage
     label: str
     name: str
-    like: torch.Tensor  # a tensor of the model's dtype and device, to store the merged kernel as
     from_conv: bool = False  # a real conv of the model (not an identity, BN-only or pooling branch)
 
     @property
@@ -49,75 +51,85 @@ class Branch:
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.weight.shape[1] * self.spec.groups
 
     def offset(self, d: int) -> int:
         """Twice the position of the kernel center relative to the output pixel's input origin."""
-        return 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1)
+        return 2 * self.spec.padding[d] - self.spec.dilation[d] * (self.kernel_size[d] - 1)
 
     def scaled(self, coef: float) -> Branch:
-        bias = None if self.bias is None else self.bias * coef
-        return _replace(self, weight=self.weight * coef, bias=bias)
+        return replace(self, weight=self.weight * coef, bias=None if self.bias is None else self.bias * coef)
+
+    def cost(self) -> cost.Cost:
+        """Weights and MACs per output position."""
+        return cost.kernel_cost(self.weight, self.bias, 1)
 
 
-def _replace(b: Branch, **changes: Any) -> Branch:
-    return Branch(**{**b.__dict__, **changes})
-
-
-def _channels(node: fx.Node) -> tuple[int, int] | None:
-    """(channels, rank) of a node's value, where capture recorded its shape."""
-    shape = ops.concrete_shape(node)
-    if shape is None or len(shape) < 3:
+def _channel_axis(node: fx.Node, dims: int) -> tuple[int, int] | None:
+    """(channels, channel axis) of a node's value read by a ``dims``-d conv, where capture recorded its shape."""
+    shape = concrete_shape(node)
+    if shape is None or len(shape) not in (dims + 1, dims + 2):
         return None
-    return int(shape[1]), len(shape)
+    axis = 1 if len(shape) == dims + 2 else 0
+    return shape[axis], axis
 
 
-def identity_branch(node: fx.Node, like: torch.Tensor) -> Branch | None:
+def identity_branch(node: fx.Node, dims: int) -> Branch | None:
     """The identity on ``node`` as a depthwise 1x1 conv with weight 1 (REPARAM §4), if its shape is known."""
-    found = _channels(node)
+    found, stored = _channel_axis(node, dims), storage(node)
+    if found is None or stored is None:
+        return None
+    channels = found[0]
+    spec = ConvSpec((1,) * dims, (0,) * dims, (1,) * dims, groups=channels)
+    weight = algebra.identity_kernel(channels, 1, (1,) * dims)
+    return Branch(node, spec, weight, None, stored, f"identity of {node.name}", module_path(node))
+
+
+def pool_as_conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
+    """An exact average pool (REPARAM §7) as a depthwise conv with weight ``1/prod(k)``, if its channels are known."""
+    pool = ops.avg_pool(gm, node)
+    stored = storage(node)
+    if pool is None or pool.why_not_conv or stored is None:
+        return None
+    dims = len(pool.kernel_size)
+    found = _channel_axis(pool.input, dims)
     if found is None:
         return None
-    channels, rank = found
-    dims = rank - 2
-    weight = torch.ones(channels, 1, *[1] * dims, dtype=torch.float64)
-    return Branch(node, weight, None, (1,) * dims, (0,) * dims, (1,) * dims, channels, "zeros",
-                  f"identity of {node.name}", ops.module_path(node), like)
+    channels = found[0]
+    weight = algebra.cast_to(algebra.avg_pool_kernel(channels, pool.kernel_size), *stored)
+    spec = ConvSpec(pool.stride, pool.padding, (1,) * dims, groups=channels)
+    return Layer(node, pool.input, spec, weight, None, pool.name)
 
 
-def as_branch(gm: fx.GraphModule, node: fx.Node) -> Branch | None:
-    """Read ``node`` as a convolution of an earlier tensor: a conv, a BN or per-channel affine of a
-    single-consumer branch (or of a tensor: a Dirac kernel), or an exact average pool; else ``None``."""
-    conv = ops.conv(gm, node)
-    if conv is not None:
-        if conv.transposed:
+def as_branch(gm: fx.GraphModule, node: fx.Node, dims: int | None = None) -> Branch | None:
+    """Read ``node`` as a convolution of an earlier tensor: a conv, an exact average pool, or a BN or
+    per-channel affine of a single-consumer branch (or, given the conv ``dims``, of a bare tensor)."""
+    layer = ops.conv(gm, node) or pool_as_conv(gm, node)
+    if layer is not None:
+        if layer.transposed:
             return None
-        bias = algebra.exact(conv.bias) if conv.bias is not None else None
-        return Branch(conv.input, algebra.exact(conv.weight), bias, conv.stride, conv.padding, conv.dilation,
-                      conv.groups, conv.padding_mode, f"conv '{conv.name}'", conv.name, conv.weight, True)
-    pool = pool_as_conv(gm, node)
-    if pool is not None:
-        like = torch.empty(0, dtype=pool.weight.dtype, device=pool.weight.device)
-        return Branch(pool.input, algebra.exact(pool.weight), None, pool.stride, pool.padding, pool.dilation,
-                      pool.groups, "zeros", f"avg-pool '{pool.name}'", pool.name, like)
+        is_conv = ops.conv(gm, node) is not None
+        bias = algebra.exact(layer.bias) if layer.bias is not None else None
+        kind = "conv" if is_conv else "avg-pool"
+        return Branch(layer.input, layer.spec, algebra.exact(layer.weight), bias, layer.storage,
+                      f"{kind} '{layer.name}'", layer.name, is_conv)
     affine = ops.channel_affine(gm, node)
     if affine is None:
         return None
-    inner = as_branch(gm, affine.input) if len(affine.input.users) == 1 else None
+    inner = as_branch(gm, affine.input, dims) if len(affine.input.users) == 1 else None
     if inner is None:
-        like = ops.like(affine.node)
-        inner = identity_branch(affine.input, like) if like is not None else None
+        if dims is None and affine.on_dim1 and rank(affine.node) is not None:
+            dims = rank(affine.node) - 2  # a batch norm normalizes dim 1: a batched tensor
+        inner = identity_branch(affine.input, dims) if dims is not None and dims > 0 else None
         if inner is None:
             return None
-    found = _channels(affine.input) if inner.label.startswith("identity") else None
-    ndim = found[1] if found else inner.weight.dim()
-    vectors = affine.vectors(inner.out_channels, ndim, 1, inner.like.dtype)
+    ndim = rank(affine.node) or inner.spec.dims + 2
+    vectors = affine.vectors(inner.out_channels, ndim, inner.spec.channel_dim(ndim), inner.storage[0])
     if isinstance(vectors, str):
         return None
-    scale, shift = vectors
-    weight, bias = algebra.affine_after(inner.weight, inner.bias, (scale, shift), groups=inner.groups)
+    weight, bias = algebra.affine_after(inner.weight, inner.bias, vectors, groups=inner.spec.groups)
     kind = "bn" if affine.kind == "batch norm" else affine.kind
-    return _replace(inner, weight=weight, bias=bias, label=f"{kind} '{affine.name}' of {inner.label}",
-                    name=affine.name)
+    return replace(inner, weight=weight, bias=bias, label=f"{kind} '{affine.name}' of {inner.label}", name=affine.name)
 
 
 # ----------------------------------------------------------------------------- sums
@@ -167,19 +179,19 @@ def _why_incompatible(a: Branch, b: Branch) -> str | None:
     if len(a.kernel_size) != len(b.kernel_size):
         return "they have different spatial ranks"
     if (a.out_channels, a.in_channels) != (b.out_channels, b.in_channels):
-        return (f"channels differ ({a.in_channels}->{a.out_channels} vs {b.in_channels}->{b.out_channels})")
-    if a.stride != b.stride:
-        return f"strides differ ({a.stride} vs {b.stride})"
+        return f"channels differ ({a.in_channels}->{a.out_channels} vs {b.in_channels}->{b.out_channels})"
+    if a.spec.stride != b.spec.stride:
+        return f"strides differ ({a.spec.stride} vs {b.spec.stride})"
     for d in range(len(a.kernel_size)):
-        if a.kernel_size[d] > 1 and b.kernel_size[d] > 1 and a.dilation[d] != b.dilation[d]:
-            return f"dilations differ ({a.dilation} vs {b.dilation})"
+        if a.kernel_size[d] > 1 and b.kernel_size[d] > 1 and a.spec.dilation[d] != b.spec.dilation[d]:
+            return f"dilations differ ({a.spec.dilation} vs {b.spec.dilation})"
         if a.offset(d) != b.offset(d):
-            return (f"their kernels do not share a center (padding {a.padding} with kernel {a.kernel_size} vs "
-                    f"padding {b.padding} with kernel {b.kernel_size})")
+            return (f"their kernels do not share a center (padding {a.spec.padding} with kernel {a.kernel_size} vs "
+                    f"padding {b.spec.padding} with kernel {b.kernel_size})")
         if (a.kernel_size[d] - b.kernel_size[d]) % 2:
             return f"kernel sizes {a.kernel_size} and {b.kernel_size} differ in parity: no common center"
-    if any(a.padding) and any(b.padding) and a.padding_mode != b.padding_mode:
-        return f"padding modes differ ({a.padding_mode} vs {b.padding_mode})"
+    if any(a.spec.padding) and any(b.spec.padding) and a.spec.padding_mode != b.spec.padding_mode:
+        return f"padding modes differ ({a.spec.padding_mode} vs {b.spec.padding_mode})"
     return None
 
 
@@ -201,21 +213,20 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
         return None, refused
     big = taken[0]
     dims = range(len(big.kernel_size))
-    groups = math.gcd(*[t.groups for t in taken])
+    groups = math.gcd(*[t.spec.groups for t in taken])
     kernel = tuple(max(t.kernel_size[d] for t in taken) for d in dims)  # 1x3 + 3x1 -> 3x3
-    dilation = tuple(next((t.dilation[d] for t in taken if t.kernel_size[d] > 1), 1) for d in dims)
+    dilation = tuple(next((t.spec.dilation[d] for t in taken if t.kernel_size[d] > 1), 1) for d in dims)
     padding = tuple((big.offset(d) + dilation[d] * (kernel[d] - 1)) // 2 for d in dims)
-    weight = algebra.sum_kernels([algebra.center_pad(algebra.regroup(t.weight, t.groups, groups), kernel)
+    weight = algebra.sum_kernels([algebra.center_pad(algebra.regroup(t.weight, t.spec.groups, groups), kernel)
                                   for t in taken])
     biases = [t.bias for t in taken if t.bias is not None]
     bias = algebra.sum_kernels(biases) if biases else None
-    mode = next((t.padding_mode for t in taken if any(t.padding)), "zeros")
-    like = next((t.like for t in taken if t.like.numel()), big.like)
+    mode = next((t.spec.padding_mode for t in taken if any(t.spec.padding)), "zeros")
+    spec = ConvSpec(big.spec.stride, padding, dilation, groups, padding_mode=mode)
+    stored = next((t.storage for t in taken if t.from_conv), big.storage)
     name = _common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
-    from_conv = any(t.from_conv for t in taken)
-    return Branch(big.input, weight, bias, big.stride, padding, dilation, groups, mode, label, name, like,
-                  from_conv), refused
+    return Branch(big.input, spec, weight, bias, stored, label, name, any(t.from_conv for t in taken)), refused
 
 
 def _common_path(paths: list[str]) -> str:
@@ -228,25 +239,96 @@ def _common_path(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def as_conv_spec(branch: Branch, node: fx.Node) -> ops.Conv:
-    """The merged branch as a conv description that :func:`fxreparam.graph.insert_layer` can build."""
-    return ops.Conv(node, branch.input, branch.like, branch.bias, branch.stride, branch.padding, branch.dilation,
-                    branch.groups, False, (), branch.padding_mode, branch.name)
+# ----------------------------------------------------------------------------- rewriting one sum
 
 
-def pool_as_conv(gm: fx.GraphModule, node: fx.Node) -> ops.Conv | None:
-    """An exact average pool (REPARAM §7) as a depthwise conv with weight ``1/prod(k)``, if its channels are known."""
-    pool = ops.avg_pool(gm, node)
-    if pool is None or pool.why_not_conv:
-        return None
-    found = _channels(pool.input)
-    if found is None or found[1] - 2 != len(pool.kernel_size):
-        return None
-    like = ops.like(node)
-    if like is None:
-        like = torch.empty(0)
-    weight = torch.full((found[0], 1, *pool.kernel_size), 1.0 / math.prod(pool.kernel_size), dtype=like.dtype,
-                        device=like.device)
-    dims = len(pool.kernel_size)
-    return ops.Conv(node, pool.input, weight, None, pool.stride, pool.padding, (1,) * dims, found[0], False, (),
-                    "zeros", pool.name)
+def _read_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]], with_identity: bool
+                ) -> tuple[dict[fx.Node, list[tuple[int, Branch, bool]]], dict[fx.Node, list[str]]]:
+    """Each term as a branch, grouped by the tensor it reads; and why some terms could not join a group.
+
+    Bare tensors (and affine maps of shared ones) are read as identity branches only where their group
+    has a conv, whose spatial rank they then take.
+    """
+    groups: dict[fx.Node, list[tuple[int, Branch, bool]]] = {}
+    blocked: dict[fx.Node, list[str]] = {}
+    pending: list[tuple[int, fx.Node, float]] = []
+    for i, (term, coef) in enumerate(terms):
+        if not isinstance(term, fx.Node):
+            continue  # a constant term stays as it is
+        branch = as_branch(gm, term)
+        if branch is not None and len(term.users) > 1:
+            blocked.setdefault(branch.input, []).append(f"{branch.label}: its output has another consumer")
+            continue
+        if branch is None:
+            pending.append((i, term, coef))
+        else:
+            groups.setdefault(branch.input, []).append((i, branch.scaled(coef), False))
+    for i, term, coef in pending:
+        affine = ops.channel_affine(gm, term)
+        source = affine.input if affine is not None and len(affine.input.users) > 1 else term
+        convs = [b for _, b, _ in groups.get(source, []) if b.from_conv]
+        if not convs:
+            continue
+        is_identity = source is term
+        if is_identity and not with_identity:
+            continue
+        branch = identity_branch(term, convs[0].spec.dims) if is_identity else as_branch(gm, term,
+                                                                                         convs[0].spec.dims)
+        if branch is not None:
+            groups[source].append((i, branch.scaled(coef), is_identity))
+    return groups, blocked
+
+
+def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node) -> fx.Node:
+    """``sum(coef * term)`` as add/sub/mul nodes placed before ``before``; the first part has coef 1."""
+    with graph.inserting_before(before):
+        acc = parts[0][0]
+        for term, coef in parts[1:]:
+            op = operator.sub if coef < 0 else operator.add
+            if abs(coef) != 1.0:
+                term = graph.call_function(operator.mul, (term, abs(coef)))
+            acc = graph.call_function(op, (acc, term))
+            acc.meta.update(before.meta)
+    return acc
+
+
+def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
+    """Merge the aligned branches of the sum at ``root`` into convs; with ``with_identity`` only groups that hold
+    a bare-tensor (identity) term. Refusals are recorded in ``ctx``; returns whether anything merged."""
+    terms = sum_terms(root)
+    if len(terms) < 2:
+        return False
+    groups, blocked = _read_terms(ctx.gm, terms, with_identity)
+    where = ctx.label(root, "sum")
+    merged_terms: set[int] = set()
+    new_parts: list[tuple[Any, float]] = []
+    for source, members in groups.items():
+        for reason in blocked.get(source, []):
+            ctx.refuse(root, f"{where}: {reason}")
+        if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
+            continue
+        if ops.opaque(source):
+            ctx.refuse(root, f"{where}: its branches read {source.name} at different points: {ops.opaque(source)}")
+            continue
+        merged, refused = merge([b for _, b, _ in members])
+        for b, why in refused:
+            ctx.refuse(root, f"{where}: {b.label} not merged: {why}")
+        if merged is None:
+            continue
+        kept = {id(b) for b, _ in refused}
+        taken = [(i, b) for i, b, _ in members if id(b) not in kept]
+        why = cost.why_costlier([b.cost() for _, b in taken], merged.cost())
+        if why is not None:
+            ctx.refuse(root, f"{where}: merging {merged.label}: {why}")
+            continue
+        merged_terms.update(i for i, _ in taken)
+        first_read = min(source.users, key=position)  # where the branches first read it
+        before = first_read if position(first_read) < position(root) else root
+        new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
+                                       storage=merged.storage, name=merged.name), 1.0))
+    if not new_parts:
+        return False
+    parts = new_parts + [t for i, t in enumerate(terms) if i not in merged_terms]
+    replace_node(root, _build_sum(ctx.graph, parts, root))
+    return True
+

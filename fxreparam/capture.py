@@ -1,16 +1,23 @@
 """Capture: turn a model into an ``fx.GraphModule`` whose weights are stored constants.
 
 With example inputs the primary path is ``torch.export`` (non-strict), which sees through
-Python control flow on shapes, parametrizations and hooks; the batch dimension is kept
-dynamic where the model allows it. Without example inputs, or where export fails,
-``torch.fx.symbolic_trace`` is tried. If neither works, a :class:`CaptureError` says why.
+Python control flow on shapes, parametrizations and hooks; the graph is then functionalized
+(``run_decompositions({})``: in-place writes become ``slice_scatter``/``copy`` data flow) and keeps
+export's input guards. Every input dim the model does not pin stays dynamic, the batch dim
+included where the example has batch size 1. Without example inputs, or where export fails,
+``torch.fx.symbolic_trace`` is tried. If neither works, a :class:`CaptureError` says why and what to do.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
+import os
+import re
+import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,87 +25,412 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, CaptureInputError, ShapeError
 
-__all__ = ["Captured", "capture"]
+__all__ = ["METHODS", "CaptureInputError", "Captured", "InputGuard", "ShapeError", "capture", "export_program",
+           "guarded_module", "input_spec", "symbolic_trace"]
+
+METHODS = ("auto", "export", "symbolic_trace")
+GUARD = "_guards_fn"  # torch.export's name for its input-guard submodule; the guard node keeps it
+OPAQUE = "fxreparam_opaque"  # node.meta key: why a call_module must be kept as it is (recognizers skip it)
+Shape = tuple[int, ...]
+Dynamic = dict[int, tuple[int, int | None]]  # dim -> (min, max) sizes export allows; max None: unbounded
+
+
+# ----------------------------------------------------------------------------------------------- result
 
 
 @dataclass
 class Captured:
-    """A captured graph, how it was captured, and how long that took."""
+    """A captured graph, how it was captured, how long that took, and which input shapes it covers.
+
+    ``example_shapes``, ``dynamic_dims`` and ``input_names`` run over the flattened example inputs
+    (``pytree.tree_leaves((args, kwargs))``): the example's shape (``None`` for a non-tensor), the dims
+    left dynamic with the ``(min, max)`` sizes export recorded (``max`` ``None``: unbounded), and a name.
+    """
 
     gm: fx.GraphModule
     method: str
     seconds: float
+    example_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+    dynamic_dims: list[dict[int, tuple[int, int | None]]] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def method_key(self) -> str:
         """The ``capture=`` value that reproduces this capture."""
         return "export" if self.method.startswith("torch.export") else "symbolic_trace"
 
+    def check_inputs(self, args: tuple, kwargs: dict | None = None) -> None:
+        """Raise :class:`ShapeError` where the captured graph's guards reject these inputs (runs no model code)."""
+        guard = getattr(self.gm, GUARD, None)
+        spec = getattr(self.gm, "_in_spec", None)
+        if isinstance(guard, InputGuard) and spec is not None:
+            guard(*_flatten_by_spec(args, kwargs or {}, spec))
 
-def _batch_dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """``dynamic_shapes`` marking dim 0 of every batched tensor input as automatic, or None if unsupported."""
-    auto = getattr(getattr(torch.export, "Dim", None), "AUTO", None)
-    if auto is None:
-        return None
+
+# ----------------------------------------------------------------------------------------------- guards
+
+
+def _dims_text(dims: dict[int, Any]) -> str:
+    """``"0, 2, 3"``: the dims of a dynamic-dims map, for messages."""
+    return ", ".join(str(d) for d in sorted(dims)) or "none"
+
+
+class InputGuard(nn.Module):
+    """The folded model's input check: rank and pinned dims first, then torch.export's own guards.
+
+    It is a ``call_module`` node right after the placeholders (named ``_guards_fn``, as export names
+    it), so it survives every rebuild of the graph module. A rejected input raises :class:`ShapeError`
+    naming the input, the dim and the size the capture covers.
+    """
+
+    _is_impure = True  # a check with no users: dead-code elimination must keep it
+
+    def __init__(self, names: list[str], shapes: list[tuple[int, ...] | None],
+                 dynamic: list[dict[int, tuple[int, int | None]]], export_guard: nn.Module | None) -> None:
+        """Per input in placeholder order: name, example shape (None: not a tensor), dynamic dims; export's guard."""
+        super().__init__()
+        self.names, self.shapes, self.dynamic = names, shapes, dynamic
+        self.export_guard = export_guard
+        self.single = len(names) == 1  # return the lone input itself rather than a 1-tuple
+
+    def _captured(self) -> str:
+        """What the capture covers, in words: each input's example shape and dynamic dims."""
+        parts = [f"{n!r} of shape {list(s)} (dynamic dims: {_dims_text(d)})"
+                 for n, s, d in zip(self.names, self.shapes, self.dynamic) if s is not None]
+        return "captured with " + "; ".join(parts)
+
+    def _fail(self, what: str) -> ShapeError:
+        """The error for a rejected call: what failed, what the capture covers, what to do."""
+        return ShapeError(f"input shapes not covered by the capture: {what}; {self._captured()}. "
+                          "Remedy: optimize again with example inputs of the shape you call the model with.")
+
+    def forward(self, *inputs: Any) -> Any:
+        """Check ``inputs``; return them (the input itself where there is one), for the graph to read on."""
+        for name, x, shape, dynamic in zip(self.names, inputs, self.shapes, self.dynamic):
+            if shape is None or not isinstance(x, torch.Tensor):
+                continue
+            if x.dim() != len(shape):
+                raise self._fail(f"input {name!r} has {x.dim()} dims, the capture covers {len(shape)}")
+            for d, size in enumerate(shape):
+                if d not in dynamic and x.shape[d] != size:
+                    raise self._fail(f"input {name!r} has size {x.shape[d]} at dim {d}, the capture covers only "
+                                     f"{size} there (shape {list(x.shape)})")
+        if self.export_guard is not None:
+            try:
+                self.export_guard(*inputs)
+            except AssertionError as err:
+                raise self._fail(f"{err} (torch.export's guard; x.size()[d] is dim d of input x)") from err
+        return inputs[0] if self.single else inputs
+
+
+def _flatten_by_spec(args: tuple, kwargs: dict, spec: Any) -> list[Any]:
+    """The inputs in the graph's placeholder order (export's input spec)."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    return list(tree_flatten_spec((tuple(args), dict(kwargs)), spec))
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _auto() -> Any:
+    """``torch.export.Dim.AUTO``, or None on a torch without it (then capture is static)."""
+    return getattr(getattr(torch.export, "Dim", None), "AUTO", None)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> Any:
+    """``dynamic_shapes`` marking every dim (``dims="all"``) or dim 0 (``"batch"``) of size >= 2 automatic.
+
+    Export keeps such a dim symbolic unless the model pins it (then it specializes it and guards it).
+    """
+    auto = _auto()
 
     def spec(x: Any) -> Any:
-        # A batch of 1 would be specialized anyway (export's 0/1 rule): ask only for larger batches.
-        return {0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1 else None
+        """One input's ``{dim: Dim.AUTO}`` (None: nothing to mark)."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        chosen = range(x.dim()) if dims == "all" else (0,)
+        marked = {d: auto for d in chosen if x.shape[d] >= 2}
+        return marked or None
 
-    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no readable signature: positional specs, as export reads them
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    # Keyed by the forward's parameter names, *args as a tuple and **kwargs as a dict, as export binds them.
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
-    """Remove export's input-guard call: shape checks that would pin the folded model to one input shape."""
+def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example with every batched input (rank >= 2) of batch size 1 doubled, or None where that does not apply.
+
+    Export specializes a size-1 dim (its 0/1 rule); capturing at batch 2 keeps the batch dynamic.
+    Applies only where every input of rank >= 2 has batch size 1 (the batch dims then agree).
+    """
+    batched = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.dim() >= 2]
+    if not batched or any(x.shape[0] != 1 for x in batched):
+        return None
+
+    def double(x: Any) -> Any:
+        """A batched input stacked twice along dim 0."""
+        return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x
+
+    return pytree.tree_map(double, args), pytree.tree_map(double, kwargs)
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict, dims: str | None) -> Any:
+    """One ``torch.export`` attempt, non-strict, with ``dims`` (``"all"``, ``"batch"``, None: static) automatic."""
+    dynamic = _dynamic_shapes(model, args, kwargs, dims) if dims is not None and _auto() is not None else None
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _symbol_range(program: Any, size: Any) -> tuple[int, int | None] | None:
+    """``(min, max)`` export allows for a symbolic size, or None where it is a plain number."""
+    if not isinstance(size, torch.SymInt):
+        return None
+    expr = size.node.expr
+    if getattr(expr, "is_number", False):
+        return None
+    bounds = program.range_constraints.get(expr)
+    if bounds is None:
+        return (0, None)
+    try:
+        upper: int | None = int(bounds.upper)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        upper = None
+    return int(bounds.lower), (upper if upper is not None and upper < sys.maxsize - 1 else None)
+
+
+def _hint(size: Any) -> int:
+    """A size's example value (a symbolic size's hint)."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def input_spec(program: Any) -> list[tuple[str, Shape | None, Dynamic]]:
+    """Per user input of an exported program, in order (one per flattened input, as ``program.module()``'s
+    placeholders): its name, example shape (None: not a tensor) and dynamic dims."""
+    user_kind = torch.export.graph_signature.InputKind.USER_INPUT
+    names = [str(getattr(s.arg, "name", i)) for i, s in enumerate(program.graph_signature.input_specs)
+             if s.kind == user_kind]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    spec: list[tuple[str, Shape | None, Dynamic]] = []
+    for name in names:
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if not isinstance(val, torch.Tensor):
+            spec.append((name, None, {}))
+            continue
+        dynamic = {d: r for d, s in enumerate(val.shape) if (r := _symbol_range(program, s)) is not None}
+        spec.append((name, tuple(_hint(s) for s in val.shape), dynamic))
+    return spec
+
+
+def _strip_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Remove ``aten._assert_tensor_metadata``: dtype/device checks left by ``.float()``/``.to()`` in forward
+    that would reject a float64 copy of the graph (they assert, they compute nothing)."""
+    target = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if node.op == "call_function" and target is not None and node.target == target and not node.users:
             gm.graph.erase_node(node)
-            delattr(gm, "_guards_fn")
+
+
+def _install_guard(gm: fx.GraphModule, guard: InputGuard) -> None:
+    """Call ``guard`` (wrapping export's own guard) on the inputs before anything reads them.
+
+    Every reader of a tensor input reads it through the guard's output, so no rewrite can move a
+    computation on an unchecked input ahead of the check (export's guard call has no users).
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == GUARD]:
+        graph.erase_node(node)
+    setattr(gm, GUARD, guard)
+    guard.single = len(placeholders) == 1
+    with graph.inserting_after(placeholders[-1]):
+        call = graph.create_node("call_module", GUARD, tuple(placeholders), {},
+                                 name=f"{placeholders[0].name}_checked" if guard.single else "inputs_checked")
+    call.meta["fxreparam_guard"] = True
+    anchor = call
+    for i, ph in enumerate(placeholders):
+        val = ph.meta.get("val")
+        if val is not None and not isinstance(val, torch.Tensor):
+            continue  # a non-tensor input (a number): nothing to read through the guard
+        if guard.single:
+            checked = call
+        else:
+            with graph.inserting_after(anchor):
+                checked = graph.create_node("call_function", operator.getitem, (call, i), {},
+                                            name=f"{ph.name}_checked")
+            anchor = checked
+        checked.meta.update({k: v for k, v in ph.meta.items() if k in ("val", "tensor_meta", "example_value")})
+        ph.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not call)
     gm.recompile()
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    dynamic = _batch_dynamic_shapes(args, kwargs)
-    if dynamic is not None:
+def guarded_module(program: Any, shapes: list[tuple[int, ...] | None] | None = None) -> fx.GraphModule:
+    """``program.module()`` with an :class:`InputGuard` around export's guard, so a rejected call names the dim.
+
+    ``shapes``: the example shapes to quote in errors, per placeholder (default: the program's own).
+    """
+    gm = program.module()
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = input_spec(program)
+    if len(spec) != len(placeholders):  # not one entry per placeholder: check nothing rather than the wrong input
+        spec = [(name, None, {}) for name in placeholders]
+    names = [name for name, _, _ in spec]
+    own = [shape for _, shape, _ in spec]
+    dynamic = [dims for _, _, dims in spec]
+    _install_guard(gm, InputGuard(names, shapes or own, dynamic, getattr(gm, GUARD, None)))
+    return gm
+
+
+def _to_graph(program: Any, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list, list, list]:
+    """The functional, guarded graph module of an exported program, and per flat user input (in
+    ``pytree.tree_leaves((args, kwargs))`` order): example shape, dynamic dims, name."""
+    program = program.run_decompositions({})
+    leaves, user_spec = pytree.tree_flatten((args, kwargs))
+    shapes: list[tuple[int, ...] | None] = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
+    # Which user input each placeholder is: flatten the inputs' positions the way the program does.
+    index_args, index_kwargs = pytree.tree_unflatten(list(range(len(leaves))), user_spec)
+    order = _flatten_by_spec(index_args, index_kwargs, program.call_spec.in_spec)
+    gm = guarded_module(program, [shapes[i] for i in order] if len(order) == len(leaves) else None)
+    _strip_metadata_asserts(gm)
+    gm.recompile()
+    guard = getattr(gm, GUARD)
+    dynamic: list[dict[int, tuple[int, int | None]]] = [{} for _ in leaves]
+    names = [f"input {i}" for i in range(len(leaves))]
+    if len(order) == len(guard.names):
+        for i, name, dims in zip(order, guard.names, guard.dynamic):
+            names[i], dynamic[i] = name, dims
+    return gm, shapes, dynamic, names
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    """Whether two output trees agree in structure, shapes and values (to float rounding)."""
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point() or x.is_complex():
+                scale = float(x.detach().abs().max()) if x.numel() else 0.0
+                if not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+    return True
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str] | None = None) -> Any:
+    """``torch.export`` (non-strict) of ``model`` with every dim it does not pin dynamic.
+
+    A batch-1 example is exported as a batch of 2 copies (export would pin a size-1 dim) where the
+    result then computes the model's output on the example itself. Where dynamic dims fail, the
+    batch dim alone, then static shapes; the error of the static attempt (concrete sizes) is raised.
+    """
+    notes = notes if notes is not None else []
+    doubled = _batch_of_two(args, kwargs)
+    if doubled is not None and _auto() is not None:
         try:
-            dyn_args, dyn_kwargs = dynamic
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes={**_named(model, dyn_args), **dyn_kwargs},
-                                     strict=False)
-            return ep.module()
-        except Exception:  # the model pins its batch size: capture it static
+            program = _export_program(model, *doubled, "all")
+            with torch.no_grad():
+                same = _same_outputs(model(*args, **kwargs), program.module()(*args, **kwargs))
+            if same:
+                notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
+                return program
+            notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
+        except Exception:  # the model pins its batch size, or needs the example's: capture it as given
             pass
-    return torch.export.export(model, args, kwargs, strict=False).module()
+    static = None
+    for dims in (["all", None, "batch"] if _auto() is not None else [None]):
+        try:
+            program = _export_program(model, args, kwargs, dims)
+        except Exception:
+            if dims is None:  # static export fails too: raise its error (concrete sizes, no symbols)
+                raise
+            continue
+        if dims is not None:
+            return program
+        static = program
+    return static
 
 
-def _named(model: nn.Module, dyn_args: tuple) -> dict[str, Any]:
-    """``dynamic_shapes`` for positional args keyed by the forward's parameter names."""
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) < len(dyn_args):
-        raise TypeError("forward takes *args")
-    return {p.name: d for p, d in zip(params, dyn_args)}
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows."""
+    start = time.perf_counter()
+    notes: list[str] = []
+    program = export_program(model, args, kwargs, notes)
+    gm, shapes, dynamic, names = _to_graph(program, args, kwargs)
+    return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes)
 
 
-METHODS = ("auto", "export", "symbolic_trace")
+# ----------------------------------------------------------------------------------------------- symbolic_trace
+
+
+def _standard_class(cls: type) -> type | None:
+    """The first ``torch.nn`` layer class (not ``nn.Module`` itself) in ``cls``'s MRO."""
+    for base in cls.__mro__:
+        if base is nn.Module:
+            return None
+        if base.__module__.startswith("torch.nn.modules."):
+            return base
+    return None
+
+
+def opaque_reason(mod: nn.Module, leaf: bool) -> str | None:
+    """Why a module must stay an opaque ``call_module`` node (its run is not what its class's layer computes)."""
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        kinds = [k for k, hooks in (("forward hooks", mod._forward_hooks), ("forward pre-hooks",
+                                                                           mod._forward_pre_hooks)) if hooks]
+        return "has " + " and ".join(kinds)
+    if leaf:
+        std = _standard_class(type(mod))
+        if std is not None and type(mod) is not std and type(mod).forward is not std.forward:
+            return f"overrides forward ({type(mod).__module__}.{type(mod).__qualname__})"
+    return None
 
 
 class _Tracer(fx.Tracer):
-    """``symbolic_trace``'s tracer with an O(1) parameter lookup.
+    """``symbolic_trace``'s tracer with an O(1) parameter lookup and opaque modules kept whole.
 
     The stock ``Tracer.getattr`` scans every named parameter each time ``forward`` reads one,
     which is quadratic in depth for models that use their parameters directly (DiracNet).
+    A module with hooks, or a torch layer subclass that overrides ``forward`` (QAT's fake-quantized
+    convs), is traced as a leaf whose node carries ``meta["fxreparam_opaque"]`` (the reason).
     """
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Trace ``root``, indexing its parameters and buffers by identity first."""
         self._tensor_names: dict[int, str] = {}
         if isinstance(root, nn.Module):
             for name, t in [*root.named_parameters(), *root.named_buffers()]:
                 self._tensor_names.setdefault(id(t), name)
         return super().trace(root, concrete_args)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """torch's leaves, and every module that must stay opaque (see :func:`opaque_reason`)."""
+        leaf = super().is_leaf_module(m, module_qualified_name)
+        return leaf or opaque_reason(m, leaf) is not None
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """Trace a module call; an opaque module's node records why it is opaque."""
+        reason = opaque_reason(m, fx.Tracer.is_leaf_module(self, m, self.path_of_module(m)))
+        out = super().call_module(m, forward, args, kwargs)
+        if reason is not None and isinstance(out, fx.Proxy):
+            out.node.meta[OPAQUE] = reason
+        return out
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """A parameter or buffer read as a ``get_attr`` node, found by identity in O(1)."""
         if isinstance(attr_val, nn.Parameter) or (self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)):
             name = self._tensor_names.get(id(attr_val))
             if name is not None:
@@ -108,16 +440,137 @@ class _Tracer(fx.Tracer):
         return attr_val
 
     def create_arg(self, a: Any) -> Any:
+        """A stored tensor passed as an argument becomes a ``get_attr`` of its own name, not a copied constant."""
         if isinstance(a, torch.Tensor) and id(a) in getattr(self, "_tensor_names", {}):
             return self.create_node("get_attr", self._tensor_names[id(a)], (), {})
         return super().create_arg(a)
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` in linear time."""
+    """``torch.fx.symbolic_trace`` in linear time, with hooked and forward-overriding layers kept opaque."""
+    hooks = [k for k, h in (("forward hooks", model._forward_hooks), ("forward pre-hooks", model._forward_pre_hooks))
+             if h]
+    if hooks:
+        raise CaptureError(f"{type(model).__name__} has {' and '.join(hooks)} on the model itself, which "
+                           "symbolic_trace would silently drop. Remedy: pass example inputs (and capture='auto' or "
+                           "'export') so torch.export runs the hooks, or remove them.")
     tracer = _Tracer()
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+_SYMBOL = re.compile(r"\b[su]\d+\b")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    """Where torch, sympy, the standard library and fxreparam live: frames there are not the model's code."""
+    dirs = [_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)), os.path.dirname(os.__file__)]
+    try:
+        import sympy
+
+        dirs.append(os.path.dirname(os.path.abspath(sympy.__file__)))
+    except ImportError:
+        pass
+    return tuple(dirs)
+
+
+_INTERNAL_DIRS = _internal_dirs()
+
+
+def _first_lines(err: BaseException, n: int = 3) -> str:
+    """The first lines of an error's message, symbolic sizes (``s77``) replaced by words."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return _SYMBOL.sub("<a dynamic size>", " ".join(lines[:n])[:500])
+
+
+def _user_frame(err: BaseException) -> str:
+    """``file:line (code)`` of the innermost frame of the model's own code in an error's traceback, or ''."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith(_INTERNAL_DIRS) and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno}" + (f" ({f.line.strip()})" if f.line else "")
+
+
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first layer takes, in words (``[N, 3, H, W]``), or '' where it has none we know."""
+    spatial = ("L", "H, W", "D, H, W")
+    for name, mod in model.named_modules():
+        where = f"its first layer {name or type(model).__name__} ({type(mod).__name__})"
+        if isinstance(mod, nn.modules.conv._ConvNd) and 1 <= len(mod.kernel_size) <= 3:
+            return f"{where} takes inputs of shape [N, {mod.in_channels}, {spatial[len(mod.kernel_size) - 1]}]"
+        if isinstance(mod, nn.Linear):
+            return f"{where} takes inputs of shape [..., {mod.in_features}]"
+        if isinstance(mod, nn.Embedding):
+            return f"{where} takes integer indices below {mod.num_embeddings}"
+    return ""
+
+
+def _describe(x: Any) -> str:
+    """An example input in words (``a torch.float32 tensor of shape [2, 3]``, ``a numpy.ndarray``), for messages."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return f"a {type(x).__module__}.{type(x).__qualname__}" if type(x).__module__ != "builtins" else (
+        f"a {type(x).__name__}")
+
+
+def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse, with a remedy, weights on the meta device and example inputs of types a tracer cannot take."""
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise CaptureInputError(f"{type(model).__name__}'s parameters are on the meta device ({meta[0]}, ...): there "
+                           "are no weights to fold. Remedy: load real weights first (model.to_empty(device=...) "
+                           "then load_state_dict, or load_state_dict(..., assign=True)).")
+    leaves = pytree.tree_leaves((args, kwargs))
+    for i, x in enumerate(leaves):
+        if type(x).__module__ == "numpy":
+            raise CaptureInputError(f"example input {i} is {_describe(x)}: pass torch tensors "
+                               "(torch.from_numpy(a) or torch.as_tensor(a)).")
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            raise CaptureInputError(f"example input {i} is on the meta device: pass real tensors.")
+    if (args or kwargs) and not any(isinstance(x, torch.Tensor) for x in leaves):
+        kinds = ", ".join(sorted({_describe(x) for x in leaves})) or "nothing"
+        raise CaptureInputError(f"the example inputs hold no tensor ({kinds}): pass tensors, e.g. torch.tensor(values) "
+                           "for a Python list of numbers.")
+
+
+def _runs(model: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
+    """The error the model raises on the example inputs in eager mode, or None where it runs."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:
+        return err
+    return None
+
+
+def _input_mismatch(model: nn.Module, args: tuple, kwargs: dict, err: BaseException) -> CaptureInputError:
+    """The error for example inputs the model itself rejects, naming what its first layer takes."""
+    shapes = ", ".join(_describe(x) for x in pytree.tree_leaves((args, kwargs)))
+    expected = _expected_input(model)
+    return CaptureInputError(f"{type(model).__name__} does not run on the example inputs ({shapes}): "
+                        f"{type(err).__name__}: {_first_lines(err)}{_user_frame(err)}. "
+                        + (f"The model's {expected}. " if expected else "")
+                        + "Remedy: pass example inputs the model accepts (check the shape, dtype and device).")
+
+
+def _classify(stage: str, err: BaseException) -> str:
+    """One line saying why a tracer failed, with the model's code line where there is one."""
+    text = str(err)
+    where = _user_frame(err)
+    if ("data-dependent" in text or "symbolically traced variables cannot be used as inputs to control flow" in text
+            or type(err).__name__ in ("GuardOnDataDependentSymNode", "TraceError")):
+        return (f"{stage}: the model's Python code branches on a tensor's value{where} (if/while on a tensor, "
+                ".item(), bool(), int()); a graph cannot hold that")
+    return f"{stage}: {type(err).__name__}: {_first_lines(err)}{where}"
+
+
+# ----------------------------------------------------------------------------------------------- entry point
 
 
 def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, method: str = "auto") -> Captured:
@@ -132,32 +585,35 @@ def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, me
     if method == "export" and args is None:
         raise CaptureError("capture='export' needs example inputs")
     kwargs = kwargs or {}
+    _check_inputs(model, args or (), kwargs)
     failures: list[str] = []
-    start = time.perf_counter()
     if args is not None and method in ("auto", "export"):
         try:
-            gm = _export(model, args, kwargs)
-            _drop_guards(gm)
-            return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start)
+            return _export(model, args, kwargs)
         except Exception as err:
-            failures.append(f"torch.export: {type(err).__name__}: {_first_lines(err)}")
+            failed = _runs(model, args, kwargs)
+            if failed is not None:
+                raise _input_mismatch(model, args, kwargs, failed) from err
+            failures.append(_classify("torch.export", err))
     start = time.perf_counter()
     try:
         if method == "export":
             raise CaptureError("symbolic_trace not tried (capture='export')")
         gm = symbolic_trace(model)
-        if args is not None and not kwargs:
-            ShapeProp(gm).propagate(*args)  # record shapes: some folds need a tensor's rank
-        return Captured(gm, "torch.fx.symbolic_trace", time.perf_counter() - start)
+        shapes: list[tuple[int, ...] | None] = []
+        if args is not None:
+            leaves = pytree.tree_leaves((args, kwargs))
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
+            if not kwargs:
+                ShapeProp(gm).propagate(*args)  # record shapes: some folds need a tensor's rank
+        return Captured(gm, "torch.fx.symbolic_trace", time.perf_counter() - start, shapes,
+                        [{} for _ in shapes], [f"input {i}" for i in range(len(shapes))])
     except Exception as err:
-        failures.append(f"torch.fx.symbolic_trace: {type(err).__name__}: {_first_lines(err)}")
+        failures.append(_classify("torch.fx.symbolic_trace", err) if not isinstance(err, CaptureError)
+                        else f"torch.fx.symbolic_trace: {err}")
     hint = ("Remedy: replace Python control flow that depends on tensor values with tensor ops "
-            "(torch.where) or torch.cond, or optimize the submodules that capture on their own.")
+            "(torch.where) or torch.cond, optimize the submodules that capture on their own, or use "
+            "torch.compile(model, backend='fxreparam'), which folds the graph around such code.")
     if args is None:
         hint = "Remedy: pass example inputs (optimize(model, example_inputs)) so torch.export can capture it."
     raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + hint)
-
-
-def _first_lines(err: BaseException, n: int = 3) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return " ".join(lines[:n])[:500]

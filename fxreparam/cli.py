@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from . import deploy, list_passes, optimize, report
+from .timing import time_ms
 
 log = logging.getLogger("fxreparam")
 
@@ -84,8 +83,8 @@ def _optimize(args: argparse.Namespace) -> int:
     x = torch.randn(*args.input)
     backend = None if args.backend == "eager" else args.backend
     options: dict[str, Any] = {}
-    if args.backend == "aot_inductor":
-        options["path"] = args.out or "folded_aoti.pt2"
+    if args.backend == "aot_inductor" and args.out:
+        options["path"] = args.out  # without --out, deploy writes into a fresh temporary directory
     if args.backend == "tensorrt":
         options.update(precision=args.precision, path=args.out)
     result = optimize(model, x, skip=args.skip, capture=args.capture, backend=backend, backend_options=options)
@@ -101,21 +100,6 @@ def _optimize(args: argparse.Namespace) -> int:
     elif args.backend == "tensorrt" and args.out:
         print(f"TensorRT program: {args.out}")
     return 0
-
-
-def time_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeat: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds (CUDA synchronized)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeat):
-            sync()
-            start = time.perf_counter()
-            fn(x)
-            sync()
-            if i >= warmup:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def _bench(args: argparse.Namespace) -> int:

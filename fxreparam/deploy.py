@@ -1,58 +1,258 @@
-"""Deployment artifacts of a folded model: a ``torch.export`` program file, ONNX, AOTInductor, TensorRT.
+"""Deployment of a folded model: eager, Inductor, a ``torch.export`` program file, ONNX, AOTInductor, TensorRT.
 
-Every function takes the module :func:`fxreparam.optimize` returned and the example inputs.
+Every function takes the module :func:`fxreparam.optimize` returned and the example inputs. The
+artifacts keep every input dim the model does not pin dynamic (the batch dim included, also from a
+batch-1 example), and a call with a shape the artifact does not cover raises :class:`ShapeError`
+naming the input and the dim; an artifact never returns an output of the wrong size.
+:func:`deploy` is the one place ``optimize(backend=...)`` and the command line hand a folded model to a backend.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
-from collections.abc import Sequence
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.utils import _pytree as pytree
 
+from .capture import GUARD, InputGuard, export_program, guarded_module
 from .errors import FxReparamError
 
-__all__ = ["aot_inductor", "export_onnx", "load", "save", "tensorrt"]
+__all__ = ["BACKENDS", "INNER_COMPILERS", "aot_inductor", "compile_with", "deploy", "export_onnx", "load", "save",
+           "tensorrt"]
+
+BACKENDS = (None, "eager", "inductor", "aot_inductor", "tensorrt")
+INNER_COMPILERS = ("inductor", "eager", "tensorrt")
+_OPTIONS: dict[str | None, tuple[str, ...]] = {
+    None: (), "eager": (), "aot_inductor": ("path",), "tensorrt": ("precision", "shapes", "path"),
+}
+_METADATA_KEY = "fxreparam_inputs"  # AOTInductor package metadata: the input spec the runner checks
 
 
 def _args(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple of positional inputs (a lone tensor becomes a 1-tuple)."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+# ----------------------------------------------------------------------------------------------- deploy
+
+
+def _check_options(backend: str | None, options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for options ``backend`` does not take, listing those it takes."""
+    if backend == "inductor":
+        known = _inductor_options()
+        unknown = sorted(k for k in options if known is not None and k not in known)
+        if unknown:
+            raise ValueError(f"unknown backend_options {unknown} for backend='inductor': they are Inductor config "
+                             "options (torch._inductor.list_options()), e.g. 'max_autotune', 'freezing'")
+        return
+    unknown = sorted(set(options) - set(_OPTIONS[backend]))
+    if unknown:
+        known_text = ", ".join(_OPTIONS[backend]) or "none"
+        raise ValueError(f"unknown backend_options {unknown} for backend={backend!r}; known: {known_text}")
+
+
+def _inductor_options() -> set[str] | None:
+    """The Inductor config option names, or None where this torch does not list them."""
+    try:
+        from torch._inductor import list_options
+    except ImportError:
+        return None
+    return set(list_options())
+
+
+def deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: dict[str, Any] | None = None
+           ) -> Any:
+    """``folded`` handed to ``backend`` (one of :data:`BACKENDS`) with its ``options``, checked first.
+
+    ``None``/``"eager"``: ``folded`` itself; ``"inductor"``: ``torch.compile`` with freezing (options are
+    Inductor config options); ``"aot_inductor"``: ``(runner, package_path)``, written to ``options["path"]``
+    or a fresh temporary directory (never the working directory); ``"tensorrt"``: see :func:`tensorrt`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    options = dict(options or {})
+    _check_options(backend, options)
+    if backend in (None, "eager"):
+        return folded
+    if args is None:
+        raise ValueError(f"backend={backend!r} needs example inputs")
+    if backend == "inductor":
+        compiled = torch.compile(folded, backend="inductor", options={"freezing": True, **options})
+        report = getattr(folded, "fxreparam_report", None)
+        if report is not None:
+            compiled.fxreparam_report = report
+        return compiled
+    if backend == "aot_inductor":
+        path = options.get("path")
+        if path is None:
+            path = Path(tempfile.mkdtemp(prefix="fxreparam-aoti-")) / "folded.pt2"
+        return aot_inductor(folded, args, path)
+    return tensorrt(folded, args, **options)
+
+
+def compile_with(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Compile a folded graph with an inner compiler: ``"inductor"``, ``"eager"`` or ``"tensorrt"``."""
+    if inner == "eager":
+        return gm
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    if inner == "tensorrt":
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the "tensorrt" dynamo backend)
+        except ImportError as err:
+            raise FxReparamError("inner='tensorrt' needs torch-tensorrt: pip install 'fxreparam[tensorrt]'") from err
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("tensorrt")(gm, list(example_inputs))
+    raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
+
+
+# ----------------------------------------------------------------------------------------------- .pt2 programs
+
+
 def save(folded: nn.Module, path: str | os.PathLike, example_inputs: Any) -> Path:
-    """Write ``folded`` as a ``torch.export`` program (``.pt2``): weights and graph, no pickled code."""
-    program = torch.export.export(folded, _args(example_inputs), strict=False)
+    """Write ``folded`` as a ``torch.export`` program (``.pt2``): weights and graph, no pickled code.
+
+    Every dim the model does not pin stays dynamic (the batch dim also from a batch-1 example).
+    """
+    program = export_program(folded, _args(example_inputs), {})
     torch.export.save(program, str(path))
     return Path(path)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a program written by :func:`save` as a callable module (in any process, without the model's code)."""
-    return torch.export.load(str(path)).module()
+def _kind(path: str | os.PathLike) -> str:
+    """``"aot_inductor"``, ``"program"``, or a description of what else the file is."""
+    if not os.path.isfile(path):
+        return f"no such file: {os.fspath(path)!r}"
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive (a .pt2 file, from fxreparam.save or aot_inductor, is one)"
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any("/data/aotinductor/" in n or n.startswith("data/aotinductor/") for n in names):
+        return "aot_inductor"
+    if any(n.endswith(("models/model.json", "serialized_exported_program.json")) or "/models/" in n for n in names):
+        return "program"
+    return f"a zip archive of neither kind ({len(names)} entries, e.g. {names[:3]})"
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Load a file written by :func:`save` (a module) or :func:`aot_inductor` (a runner), in any process.
+
+    Both check their inputs and raise :class:`ShapeError` for a shape the artifact does not cover.
+    """
+    kind = _kind(path)
+    if kind == "aot_inductor":
+        from torch._inductor import aoti_load_package
+
+        return GuardedRunner(aoti_load_package(str(path)), None)
+    if kind == "program":
+        return guarded_module(torch.export.load(str(path)))
+    raise FxReparamError(f"fxreparam.load cannot read {os.fspath(path)!r}: {kind}. It loads torch.export programs "
+                         "(fxreparam.save) and AOTInductor packages (fxreparam.deploy.aot_inductor).")
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
 
 
 def export_onnx(folded: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int | None = None
                 ) -> Path:
-    """Write ``folded`` as an ONNX file (the usual road to ``trtexec``) with torch's dynamo exporter."""
+    """Write ``folded`` as an ONNX file (the usual road to ``trtexec``) with torch's dynamo exporter.
+
+    The dims the program keeps dynamic (the batch dim at least, where the model allows) are symbolic axes.
+    """
     try:
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise FxReparamError("export_onnx needs onnx and onnxscript: pip install 'fxreparam[onnx]'") from err
-    kwargs = {"opset_version": opset} if opset is not None else {}
-    torch.onnx.export(folded, _args(example_inputs), str(path), dynamo=True, **kwargs)
+    args = _args(example_inputs)
+    program = export_program(folded, args, {})
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
+    torch.onnx.export(program, args, str(path), dynamo=True, verbose=False, **kwargs)
     return Path(path)
 
 
+# ----------------------------------------------------------------------------------------------- AOTInductor
+
+
+class GuardedRunner:
+    """An AOTInductor runner that checks input shapes first: the compiled code itself does not, and would
+    silently return the captured batch size for another one."""
+
+    def __init__(self, runner: Any, guard: InputGuard | None) -> None:
+        """Wrap ``runner``; ``guard`` None reads the check from the package's metadata."""
+        self.runner = runner
+        self.guard = guard if guard is not None else _guard_from_metadata(runner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Check the inputs' shapes (:class:`ShapeError` if not covered), then run the compiled model."""
+        if self.guard is not None:
+            self.guard(*pytree.tree_leaves((args, kwargs)))
+        return self.runner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the runner's (``loader``, ``get_metadata``, ...)."""
+        if name in ("runner", "guard"):
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+
+def _guard_from_metadata(runner: Any) -> InputGuard | None:
+    """The input check stored in a package's metadata by :func:`aot_inductor`, or None where there is none."""
+    try:
+        text = runner.get_metadata().get(_METADATA_KEY)
+    except Exception:
+        return None
+    if not text:
+        return None
+    spec = json.loads(text)
+    shapes = [tuple(s) if s is not None else None for s in spec["shapes"]]
+    dynamic = [{int(d): (lo, hi) for d, (lo, hi) in dims.items()} for dims in spec["dynamic"]]
+    return InputGuard(spec["names"], shapes, dynamic, None)
+
+
+def _compile_package(compile_and_package: Callable[..., Any], program: Any, path: str | os.PathLike,
+                     configs: dict[str, Any]) -> str:
+    """``aoti_compile_and_package`` across torch versions (2.5 also takes the example inputs)."""
+    takes_args = inspect.signature(compile_and_package).parameters.get("args")
+    if takes_args is not None and takes_args.default is inspect.Parameter.empty:
+        args, kwargs = program.example_inputs
+        return compile_and_package(program, args, kwargs, package_path=str(path), inductor_configs=configs)
+    return compile_and_package(program, package_path=str(path), inductor_configs=configs)
+
+
 def aot_inductor(folded: nn.Module, example_inputs: Any, path: str | os.PathLike) -> tuple[Any, Path]:
-    """Compile ``folded`` ahead of time into an AOTInductor package; returns the loaded runner and the path."""
+    """Compile ``folded`` ahead of time into an AOTInductor package; returns the loaded runner and the path.
+
+    The package keeps dynamic the dims the model does not pin (the batch at least); the runner checks
+    every call's shapes against them and raises :class:`ShapeError` for one the package does not cover.
+    """
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    program = torch.export.export(folded, _args(example_inputs), strict=False)
-    written = aoti_compile_and_package(program, package_path=str(path))
-    return aoti_load_package(written), Path(written)
+    program = export_program(folded, _args(example_inputs), {})
+    guard = getattr(guarded_module(program), GUARD)
+    spec = json.dumps({"names": guard.names, "shapes": guard.shapes,
+                       "dynamic": [{str(d): r for d, r in dims.items()} for dims in guard.dynamic]})
+    configs = {"aot_inductor.metadata": {_METADATA_KEY: spec}}
+    try:
+        written = _compile_package(aoti_compile_and_package, program, path, configs)
+    except Exception as err:  # a torch without package metadata: compile without it, check from here only
+        if "metadata" not in str(err):
+            raise
+        written = _compile_package(aoti_compile_and_package, program, path, {})
+    return GuardedRunner(aoti_load_package(written), guard), Path(written)
+
+
+# ----------------------------------------------------------------------------------------------- TensorRT
 
 
 def tensorrt(folded: nn.Module, example_inputs: Any, *, precision: str = "fp32",
@@ -63,6 +263,7 @@ def tensorrt(folded: nn.Module, example_inputs: Any, *, precision: str = "fp32",
     ``precision``: ``"fp32"`` or ``"fp16"``; ``shapes``: one ``(min, opt, max)`` per input for dynamic
     shapes, else the example inputs' shapes. With ``path`` the result is saved there too
     (``torch_tensorrt.save``; reload with ``torch_tensorrt.load(path).module()``).
+    Written against torch-tensorrt's documented API; not run on this project's machines.
     """
     try:
         import torch_tensorrt

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError", "FxReparamError", "VerificationError"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .verify import Verification
+
+__all__ = ["CaptureError", "CaptureInputError", "FxReparamError", "ShapeError", "VerificationError"]
 
 
 class FxReparamError(RuntimeError):
@@ -13,14 +18,27 @@ class CaptureError(FxReparamError):
     """The model could not be turned into a graph: neither ``torch.export`` nor ``symbolic_trace`` took it."""
 
 
-class VerificationError(FxReparamError):
-    """The optimized model's outputs differ from the original's: a pass made an inexact rewrite.
+class CaptureInputError(CaptureError, ValueError):
+    """The model or its example inputs cannot be captured as given (meta weights, numpy inputs, wrong shapes)."""
 
-    ``pass_name`` is the first pass after which the outputs diverge; ``error`` the relative error seen.
+
+class ShapeError(FxReparamError, ValueError):
+    """A captured or folded module was called with input shapes its capture does not cover."""
+
+
+class VerificationError(FxReparamError):
+    """The optimized model's outputs differ from the original's (a pass made an inexact rewrite), or could not be
+    compared at all.
+
+    ``pass_name`` is the first pass after which the outputs diverge (None where nothing could be compared);
+    ``error`` and ``tolerance`` the relative error seen at the worst channel and the error allowed there;
+    ``verification`` the full :class:`~fxreparam.verify.Verification`.
     """
 
-    def __init__(self, message: str, *, pass_name: str | None, error: float, tolerance: float) -> None:
+    def __init__(self, message: str, *, pass_name: str | None, error: float, tolerance: float,
+                 verification: Verification | None = None) -> None:
         super().__init__(message)
         self.pass_name = pass_name
         self.error = error
         self.tolerance = tolerance
+        self.verification = verification

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from .graph import build_module, call_module, eliminate_dead_code, replace
+from .meta import fetch_attr, module_path, rank
 
 __all__ = ["finalize"]
 
@@ -53,14 +54,14 @@ def _plain(mod: nn.Module) -> nn.Module:
     return mod
 
 
-def _bn_module(bn: ops.BatchNorm, rank: int | None) -> nn.Module | None:
+def _bn_module(bn: ops.BatchNorm, ndim: int | None) -> nn.Module | None:
     classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-    if rank not in classes or bn.channels is None or (bn.weight is None) != (bn.bias is None):
+    if ndim not in classes or bn.channels is None or (bn.weight is None) != (bn.bias is None):
         return None
     if bn.affine is None and bn.running_mean is not None:
         return None  # a batch norm forced into training mode: keep the functional call
     like = bn.running_mean if bn.running_mean is not None else bn.weight
-    mod = classes[rank](bn.channels, eps=bn.eps, affine=bn.weight is not None,
+    mod = classes[ndim](bn.channels, eps=bn.eps, affine=bn.weight is not None,
                         track_running_stats=bn.running_mean is not None, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -76,9 +77,9 @@ def _layer_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return None
     layer = ops.weighted(gm, node)
     if layer is not None:
-        return build_module(layer, layer.weight, layer.bias)
+        return build_module(layer.spec, layer.weight, layer.bias, layer.storage)
     bn = ops.batch_norm(gm, node)
-    return _bn_module(bn, ops.rank(node)) if bn is not None else None
+    return _bn_module(bn, rank(node)) if bn is not None else None
 
 
 class _Tree:
@@ -115,12 +116,12 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
     tree = _Tree()
     for node in list(graph.nodes):
         if node.op == "call_module":
-            node.target = tree.place(ops.module_path(node), _plain(ops.fetch_attr(gm, node.target)))
+            node.target = tree.place(module_path(node), _plain(fetch_attr(gm, node.target)))
             continue
         mod = _layer_module(gm, node)
         if mod is not None:
             spec = ops.weighted(gm, node) or ops.batch_norm(gm, node)
-            path = ops.module_path(node)
+            path = module_path(node)
             with graph.inserting_after(node):
                 new = call_module(graph, tree.place(path, mod), spec.input, path)
             new.meta.update(node.meta)
@@ -129,7 +130,7 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
             node.target = _READABLE[node.target]
     for node in graph.nodes:
         if node.op == "get_attr":
-            value = ops.fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, (nn.Module, torch.Tensor)):
                 node.target = tree.place(str(node.target), value)
             else:

@@ -3,15 +3,17 @@
 A graph from ``torch.fx.symbolic_trace`` calls modules (``call_module`` on an
 ``nn.Conv2d``), a Dynamo graph calls torch functions (``torch.conv2d``), and a
 ``torch.export`` graph calls aten overloads (``aten.conv2d.default``,
-``aten.batch_norm.default``, ...). Each recognizer below takes a node in any of
-these forms and returns one normalized description, or ``None``; passes are
-written against these descriptions only.
+``aten._native_batch_norm_legit_no_training.default``, ...). Each recognizer below takes a
+node in any of these forms and returns one normalized description, or ``None``; passes are
+written against these descriptions only. A node capture marked opaque (a module with hooks,
+or one that overrides a standard layer's ``forward``) or one whose value may be written in
+place (see :mod:`fxreparam.mutation`) is never recognized.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,29 +22,29 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import algebra
+from .meta import concrete_shape, fetch_attr, module_path, rank
+from .spec import ConvSpec, Layer, LinearSpec
 
 aten = torch.ops.aten
 
 __all__ = [
+    "AvgPool",
     "BatchNorm",
     "Binary",
     "ChannelAffine",
-    "Conv",
-    "Linear",
+    "Pad",
+    "avg_pool",
     "batch_norm",
     "binary",
     "channel_affine",
-    "concrete_shape",
     "constant",
+    "constant_pad",
     "conv",
-    "fetch_attr",
     "flatten_start",
-    "forget_shape",
-    "like",
     "linear",
-    "module_path",
     "op_kind",
-    "rank",
+    "opaque",
+    "sole_user",
     "weighted",
     "zero_keeping",
 ]
@@ -65,18 +67,10 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     return bound
 
 
-def fetch_attr(gm: nn.Module, target: str) -> Any:
-    """The object at a dotted attribute path of ``gm``."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     """The value of ``arg`` if it is known before the forward runs (a stored tensor or a number)."""
     if isinstance(arg, fx.Node):
-        if arg.op == "get_attr":
+        if arg.op == "get_attr" and not arg.meta.get("fxreparam_written"):
             value = fetch_attr(gm, arg.target)
             return value if isinstance(value, torch.Tensor) else None
         return None
@@ -85,76 +79,30 @@ def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     return torch.tensor(float(arg), dtype=torch.float64)
 
 
-_META_KEYS = ("val", "example_value")  # export/make_fx, Dynamo
+def opaque(node: fx.Node) -> str | None:
+    """Why ``node`` must be kept as it is (capture marked it, or its value may be written in place), or None."""
+    return node.meta.get("fxreparam_opaque") or node.meta.get("fxreparam_written")
 
 
-def _meta_tensor(node: fx.Node) -> Any:
-    """What capture recorded about a node's tensor value: a fake tensor, or symbolic_trace's tensor_meta."""
-    for key in _META_KEYS:
-        value = node.meta.get(key)
-        if isinstance(value, torch.Tensor):
-            return value
-    return node.meta.get("tensor_meta")
+def _readable(node: fx.Node, input: Any) -> bool:
+    """Whether a recognizer may read ``node`` as a plain op: not opaque, and its value is not written in place
+    later (its ``input`` may be: a fold that keeps reading it where ``node`` did sees the same value; the
+    folds that merge or move reads check their sources themselves)."""
+    return opaque(node) is None
 
 
-def rank(node: fx.Node) -> int | None:
-    """The number of dims of a node's tensor value, where capture recorded it."""
-    shape = getattr(_meta_tensor(node), "shape", None)
-    return len(shape) if shape is not None else None
-
-
-def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """A node's shape at capture, symbolic sizes (a dynamic batch) replaced by their example values."""
-    shape = getattr(_meta_tensor(node), "shape", None)
-    if shape is None:
+def _standard_module(gm: fx.GraphModule, node: fx.Node, classes: tuple[type, ...] | type) -> nn.Module | None:
+    """The module ``node`` calls if it is one of ``classes`` running that class's own ``forward``, no hooks."""
+    mod = fetch_attr(gm, node.target)
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    if not isinstance(mod, classes) or opaque(node):
         return None
-    out = []
-    for d in shape:
-        hint = d.node.hint if isinstance(d, torch.SymInt) else d
-        if not isinstance(hint, int):
-            return None
-        out.append(int(hint))
-    return tuple(out)
-
-
-def like(node: fx.Node) -> torch.Tensor | None:
-    """An empty tensor of the node's dtype and device (where recorded): what folded kernels are stored as."""
-    meta = _meta_tensor(node)
-    if meta is None or getattr(meta, "dtype", None) is None:
+    base = next(c for c in classes if isinstance(mod, c))
+    if type(mod).forward is not base.forward:
+        return None  # a subclass with its own forward (fake-quant, QAT, ...): not the plain layer
+    if mod._forward_hooks or mod._forward_pre_hooks:
         return None
-    device = meta.device if isinstance(meta, torch.Tensor) else torch.device("cpu")
-    return torch.empty(0, dtype=meta.dtype, device=device)
-
-
-def forget_shape(node: fx.Node) -> None:
-    """Drop what capture recorded about a node's value, once a rewrite changed its shape."""
-    for key in (*_META_KEYS, "tensor_meta"):
-        node.meta.pop(key, None)
-
-
-_STACK_PREFIX = re.compile(r"^(L\['(self|fn|mod|model)'\]|L__self__|self)\.?")
-_INDEX = re.compile(r"\[(\d+)\]|\[['\"]([^'\"]+)['\"]\]")
-
-
-def _clean_path(path: str) -> str:
-    path = _STACK_PREFIX.sub("", path)
-    path = _INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
-    path = re.sub(r"(^|\.)_(modules|parameters|buffers)\.", r"\1", path)
-    return re.sub(r"@\d+$", "", path).strip(".")
-
-
-def module_path(node: fx.Node) -> str:
-    """The model's own name for where a node came from (``layer1.0.bn1``), for names and messages."""
-    if "fxreparam_path" in node.meta:
-        return node.meta["fxreparam_path"]
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = _clean_path(str(list(stack.values())[-1][0]))
-        if path:
-            return path
-    return node.name
+    return mod
 
 
 def _tuple(value: Any, dims: int) -> tuple[int, ...]:
@@ -164,59 +112,6 @@ def _tuple(value: Any, dims: int) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- conv and linear
-
-
-@dataclass(frozen=True)
-class Conv:
-    """A convolution with stored weights: ``conv(input; weight, bias, stride, padding, ...)``."""
-
-    node: fx.Node
-    input: fx.Node
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    transposed: bool = False
-    output_padding: tuple[int, ...] = ()
-    padding_mode: str = "zeros"
-    name: str = ""
-
-    @property
-    def dims(self) -> int:
-        return self.weight.dim() - 2
-
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
-
-    @property
-    def in_channels(self) -> int:
-        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
-
-
-@dataclass(frozen=True)
-class Linear:
-    """``input @ weight.T + bias`` with stored weights."""
-
-    node: fx.Node
-    input: fx.Node
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    name: str = ""
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_channels(self) -> int:
-        return self.weight.shape[1]
 
 
 _CONV = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -249,11 +144,11 @@ def _string_padding(padding: str, kernel: tuple[int, ...], dilation: tuple[int, 
     return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
-def conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
+def conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Recognize a convolution whose weight and bias are stored constants."""
     if node.op == "call_module":
-        mod = fetch_attr(gm, node.target)
-        if not isinstance(mod, _CONV_MODULES) or len(node.args) != 1 or node.kwargs:
+        mod = _standard_module(gm, node, _CONV_MODULES)
+        if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
             return None
         transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
         dims = mod.weight.dim() - 2
@@ -262,9 +157,9 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
             padding = _string_padding(padding, tuple(mod.kernel_size), tuple(mod.dilation))
             if padding is None:
                 return None
-        return Conv(node, node.args[0], mod.weight, mod.bias, _tuple(mod.stride, dims), _tuple(padding, dims),
-                    _tuple(mod.dilation, dims), mod.groups, transposed,
-                    _tuple(mod.output_padding, dims) if transposed else (), mod.padding_mode, module_path(node))
+        spec = ConvSpec(_tuple(mod.stride, dims), _tuple(padding, dims), _tuple(mod.dilation, dims), mod.groups,
+                        transposed, _tuple(mod.output_padding, dims) if transposed else (), mod.padding_mode)
+        return Layer(node, node.args[0], spec, mod.weight, mod.bias, module_path(node))
     if node.op != "call_function" or node.target not in _CONV_TARGETS:
         return None
     names, defaults, transposed = _CONV_TARGETS[node.target]
@@ -273,7 +168,7 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
     bias = constant(gm, a["bias"]) if a["bias"] is not None else None
     if weight is None or (a["bias"] is not None and bias is None) or not isinstance(a["input"], fx.Node):
         return None
-    if weight.dim() < 3:
+    if weight.dim() < 3 or not _readable(node, a["input"]):
         return None
     transposed = bool(a["transposed"]) if transposed is None else transposed
     dims = weight.dim() - 2
@@ -284,20 +179,20 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
         if padding is None:
             return None
     out_pad = _tuple(a.get("output_padding", 0), dims) if transposed else ()
-    return Conv(node, a["input"], weight, bias, _tuple(a["stride"], dims), _tuple(padding, dims), dilation,
-                int(a["groups"]), transposed, out_pad, "zeros", module_path(node))
+    spec = ConvSpec(_tuple(a["stride"], dims), _tuple(padding, dims), dilation, int(a["groups"]), transposed, out_pad)
+    return Layer(node, a["input"], spec, weight, bias, module_path(node))
 
 
 _LINEAR_TARGETS = {F.linear, *_overloads("linear", "default")}
 
 
-def linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
+def linear(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Recognize a linear layer whose weight and bias are stored constants."""
     if node.op == "call_module":
-        mod = fetch_attr(gm, node.target)
-        if not isinstance(mod, nn.Linear) or len(node.args) != 1 or node.kwargs:
+        mod = _standard_module(gm, node, nn.Linear)
+        if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
             return None
-        return Linear(node, node.args[0], mod.weight, mod.bias, module_path(node))
+        return Layer(node, node.args[0], LinearSpec(), mod.weight, mod.bias, module_path(node))
     if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
         return None
     a = _bind(node, ("input", "weight", "bias"), {"bias": None})
@@ -305,12 +200,12 @@ def linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
     bias = constant(gm, a["bias"]) if a["bias"] is not None else None
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         return None
-    if not isinstance(a["input"], fx.Node):
+    if not isinstance(a["input"], fx.Node) or not _readable(node, a["input"]):
         return None
-    return Linear(node, a["input"], weight, bias, module_path(node))
+    return Layer(node, a["input"], LinearSpec(), weight, bias, module_path(node))
 
 
-def weighted(gm: fx.GraphModule, node: fx.Node) -> Conv | Linear | None:
+def weighted(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """A conv or a linear layer: the ops whose output channels a per-channel affine folds into."""
     return conv(gm, node) or linear(gm, node)
 
@@ -364,8 +259,8 @@ _BN_TUPLE_TARGETS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 
 def _bn_from_module(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
-    mod = fetch_attr(gm, node.target)
-    if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or len(node.args) != 1:
+    mod = _standard_module(gm, node, nn.modules.batchnorm._BatchNorm)
+    if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
         return None
     training = mod.training or mod.running_mean is None
     return _bn(node, node.args[0], mod.weight, mod.bias, mod.running_mean, mod.running_var, training, mod.eps)
@@ -378,7 +273,21 @@ def _bn(node, input, weight, bias, mean, var, training, eps) -> BatchNorm:
     elif training:
         why = "it runs in training mode: it normalizes with batch statistics"
     affine = None if why else algebra.bn_to_affine(mean, var, weight, bias, eps)
+    if affine is not None and not algebra.finite(*affine):
+        affine = None
+        why = "its scale or shift is not finite (a zero variance with eps=0?): a fold would turn inf into nan"
     return BatchNorm(node, input, affine, why, float(eps), weight, bias, mean, var, module_path(node))
+
+
+def sole_user(node: fx.Node) -> fx.Node | None:
+    """The one op reading ``node``, looking through a batch norm that returns a tuple to its item 0."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.target in _BN_TUPLE_TARGETS:
+        items = [u for u in user.users if u.target is operator.getitem and u.args[1] == 0]
+        return items[0] if len(items) == 1 else None
+    return user
 
 
 def batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
@@ -398,7 +307,7 @@ def batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
     else:
         return None
     a = _bind(src, names, defaults)
-    if not isinstance(a["input"], fx.Node):
+    if not isinstance(a["input"], fx.Node) or not _readable(src, a["input"]) or not _readable(node, None):
         return None
     tensors = {}
     for key in ("weight", "bias", "running_mean", "running_var"):
@@ -453,8 +362,10 @@ def binary(node: fx.Node) -> Binary | None:
         op, inplace = _INPLACE_METHODS[node.target], True
     else:
         return None
-    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"} or opaque(node):
         return None
+    if isinstance(node.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat)):
+        return None  # arithmetic on sizes, not on tensors
     alpha = node.kwargs.get("alpha", 1)
     if (op in ("mul", "div") and "alpha" in node.kwargs) or isinstance(alpha, fx.Node):
         return None
@@ -484,6 +395,8 @@ class ChannelAffine:
     def vectors(self, channels: int, ndim: int, channel_dim: int, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor] | str:
         """Scale and shift as ``[channels]`` vectors over ``channel_dim``, or why they are not."""
+        if not algebra.finite(self.scale, self.shift):
+            return f"the {self.kind}'s constant is not finite: a fold would turn inf into nan"
         if self.on_dim1:
             if channel_dim != 1 or ndim < 2:
                 return f"the {self.kind} normalizes dim 1, and the channels are dim {channel_dim} of {ndim}"
@@ -579,8 +492,8 @@ _POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 def avg_pool(gm: fx.GraphModule, node: fx.Node) -> AvgPool | None:
     """Recognize an average pooling with a fixed window."""
     if node.op == "call_module":
-        mod = fetch_attr(gm, node.target)
-        dims = _POOL_MODULES.get(type(mod))
+        mod = _standard_module(gm, node, tuple(_POOL_MODULES))
+        dims = _POOL_MODULES.get(type(mod)) if mod is not None else None
         if dims is None or len(node.args) != 1:
             return None
         a = {"input": node.args[0], "kernel_size": mod.kernel_size, "stride": mod.stride, "padding": mod.padding,
@@ -591,7 +504,7 @@ def avg_pool(gm: fx.GraphModule, node: fx.Node) -> AvgPool | None:
         a = _bind(node, *_POOL_ARGS)
     else:
         return None
-    if not isinstance(a["input"], fx.Node):
+    if not isinstance(a["input"], fx.Node) or not _readable(node, a["input"]):
         return None
     kernel = _tuple(a["kernel_size"], dims)
     stride = kernel if a["stride"] in (None, [], ()) else _tuple(a["stride"], dims)
@@ -629,45 +542,84 @@ def constant_pad(node: fx.Node) -> Pad | None:
 # ----------------------------------------------------------------------------- channel-wise maps that keep zero
 
 
-_ZERO_KEEPING_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.tanh,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout,
-}
+_ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.mish,
+                          torch.tanh, F.tanh, F.dropout}
 for _name in ("relu", "relu_", "relu6", "gelu", "silu", "silu_", "leaky_relu", "elu", "hardswish", "mish", "tanh",
-              "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
               "dropout", "clone", "alias", "detach"):
-    _ZERO_KEEPING_FUNCTIONS.update(_overloads(_name, "default"))
-_ZERO_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
-                         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Dropout, nn.Identity)
+    _ELEMENTWISE_FUNCTIONS.update(_overloads(_name, "default"))
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
+                        nn.Dropout, nn.Identity)
+_POOLING_FUNCTIONS: dict[Any, int] = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1,
+                                      F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1,
+                                      F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool2d: 2}
+for _name, _dims in (("max_pool1d", 1), ("max_pool2d", 2), ("max_pool3d", 3), ("avg_pool1d", 1), ("avg_pool2d", 2),
+                     ("avg_pool3d", 3), ("adaptive_avg_pool1d", 1), ("adaptive_avg_pool2d", 2),
+                     ("adaptive_avg_pool3d", 3), ("_adaptive_avg_pool2d", 2)):
+    _POOLING_FUNCTIONS.update(dict.fromkeys(_overloads(_name, "default"), _dims))
+for _name, _dims in (("max_pool2d_with_indices", 2), ("max_pool3d_with_indices", 3)):
+    _POOLING_FUNCTIONS.update(dict.fromkeys(_overloads(_name, "default"), _dims))
+_POOLING_MODULES: dict[type, int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1,
+                                     nn.AvgPool2d: 2, nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1,
+                                     nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 
 
-def zero_keeping(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The input of ``node`` if it maps each channel on its own and an all-zero channel to an all-zero
-    channel (ReLU-like activations, pooling, dropout in eval), else ``None``."""
+def _pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """How many trailing dims ``node`` pools over (0 for an elementwise map), or ``None`` if it is neither."""
     if node.op == "call_module":
-        ok = isinstance(fetch_attr(gm, node.target), _ZERO_KEEPING_MODULES)
-    elif node.op == "call_function":
-        ok = node.target in _ZERO_KEEPING_FUNCTIONS
-    elif node.op == "call_method":
-        ok = node.target in ("relu", "relu_", "tanh", "clone", "detach")
-    else:
-        ok = False
-    if not ok or not node.args or not isinstance(node.args[0], fx.Node):
+        mod = fetch_attr(gm, node.target)
+        if opaque(node) or mod._forward_hooks or mod._forward_pre_hooks:
+            return None
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return 0
+        return _POOLING_MODULES.get(type(mod))
+    if node.op == "call_function":
+        return 0 if node.target in _ELEMENTWISE_FUNCTIONS else _POOLING_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in ("relu", "relu_", "tanh", "clone", "detach"):
+        return 0
+    return None
+
+
+def zero_keeping(gm: fx.GraphModule, node: fx.Node, channel_dim: int) -> fx.Node | None:
+    """The input of ``node`` if it maps each channel (along ``channel_dim``) on its own and an all-zero channel
+    to an all-zero channel (ReLU-like activations, pooling over trailing dims only, dropout in eval), else None.
+
+    A pooling op that reaches the channel axis (``max_pool3d`` on a 4-d tensor) mixes channels: not zero-keeping.
+    """
+    pooled = _pooled_dims(gm, node) if opaque(node) is None else None
+    if pooled is None or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    return node.args[0] if not any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]) else None
+    if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        return None
+    if pooled:
+        ndim = rank(node.args[0])
+        if ndim is None or ndim - pooled <= channel_dim:
+            return None
+    return node.args[0]
 
 
 _FLATTEN = {torch.flatten, *_overloads("flatten", "using_ints")}
+_RESHAPE_FUNCTIONS = {torch.reshape, *_overloads("view", "default"), *_overloads("reshape", "default"),
+                      *_overloads("_unsafe_view", "default")}
 
 
 def flatten_start(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The start dim of a full ``flatten(x, start)`` (to the last dim), else ``None``."""
+    """The start dim of a full flatten (to the last dim), else ``None``: ``flatten(x, start)``, ``nn.Flatten``, or
+    a ``view``/``reshape`` whose recorded shapes keep the leading dims and merge all the others
+    (``x.view(x.size(0), -1)``)."""
     if node.op == "call_module":
-        mod = fetch_attr(gm, node.target)
-        return mod.start_dim if isinstance(mod, nn.Flatten) and mod.end_dim == -1 else None
+        mod = _standard_module(gm, node, nn.Flatten)
+        return mod.start_dim % max(rank(node.args[0]) or 1, 1) if mod is not None and mod.end_dim == -1 else None
+    if opaque(node):
+        return None
+    is_reshape = (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("view", "reshape"))
+    if is_reshape and node.args and isinstance(node.args[0], fx.Node):
+        before, after = concrete_shape(node.args[0]), concrete_shape(node)
+        if before is None or after is None or not after or len(after) > len(before):
+            return None
+        start = len(after) - 1
+        keeps_lead = before[:start] == after[:start] and math.prod(before[start:]) == after[start]
+        return start if keeps_lead and 0 not in before else None
     if node.op != "call_function" or node.target not in _FLATTEN:
         return None
     a = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})

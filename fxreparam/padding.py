@@ -1,11 +1,12 @@
 """Recognize a tensor padded with per-channel constants, by its values (DBB's BN-and-pad).
 
-DBB pads a BN output with zeros and then writes the BN's shift into the border through
-slice assignments; in a graph that is a constant pad followed by in-place copies into views
-of it. Rather than match one spelling, :func:`padded_by_value` accepts any chain of pure
-data-movement ops (views, slices, copies, fills of constants) applied to a constant pad, and
-runs it on two probes: zeros give the border, distinct random values prove every interior
-element is the source element. Data-movement ops cannot compute, so two probes are a proof.
+DBB pads a BN output with zeros and then writes the BN's shift into the border through slice
+assignments; in a functional graph that is a constant pad followed by ``slice_scatter``/``copy``
+data flow. Rather than match one spelling, :func:`padded_by_value` accepts any subgraph of pure
+data-movement ops (views, slices, scatters, copies, fills of constants) between one constant pad
+and the tensor a conv reads, and runs it on two probes: zeros give the border, distinct values
+prove every interior element is the source element. Data-movement ops cannot compute, so two
+probes are a proof.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import ops
+from . import evaluate, ops
+from .graph import position
+from .meta import concrete_shape
 
 __all__ = ["BorderPad", "padded_by_value"]
 
-_VIEW_OPS = {"slice", "select", "narrow", "view", "expand", "unsqueeze", "squeeze", "alias", "getitem"}
-_FILL_OPS = {"copy_", "fill_", "setitem"}
-_SOURCE_OPS = _VIEW_OPS | {"expand_as", "reshape", "detach", "clone", "to"}
+_DATA_MOVEMENT = {"slice", "select", "narrow", "view", "expand", "unsqueeze", "squeeze", "alias", "getitem",
+                  "slice_scatter", "select_scatter", "copy", "fill", "clone", "expand_as", "reshape", "detach",
+                  "lift_fresh_copy", "_to_copy", "to", "contiguous"}
 
 
 def _int_value(node: fx.Node) -> int | None:
@@ -36,21 +39,11 @@ def _int_value(node: fx.Node) -> int | None:
     return None
 
 
-def _constant_source(node: fx.Node, sources: set[fx.Node]) -> bool:
-    """Whether ``node`` is built from stored constants and shape queries by view-like ops alone."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in sources:
-            continue
-        if n.op == "get_attr" or _int_value(n) is not None:
-            sources.add(n)
-        elif n.op in ("call_function", "call_method") and _name(n) in _SOURCE_OPS:
-            sources.add(n)
-            stack.extend(n.all_input_nodes)
-        else:
-            return False
-    return True
+def _name(node: fx.Node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
 
 
 @dataclass(frozen=True)
@@ -61,57 +54,55 @@ class BorderPad:
     input: fx.Node
     pads: tuple[int, ...]
     border: torch.Tensor
-    mutators: tuple[fx.Node, ...]  # the in-place writes, to erase with the pad once it is folded away
 
 
-def _name(node: fx.Node) -> str:
-    target = node.target
-    if target is operator.getitem:
-        return "getitem"
-    if target is operator.setitem:
-        return "setitem"
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0]
-
-
-def _mutation_chain(pad: fx.Node, reader: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
-    """Every node besides ``reader`` that touches ``pad``: views of it ending in fills of constants
-    (whose inputs, built from constants and shape queries, are collected in ``sources``)."""
-    chain: list[fx.Node] = []
-    stack = [u for u in pad.users if u is not reader]
+def _subgraph(node: fx.Node) -> tuple[ops.Pad, list[fx.Node], list[fx.Node]] | None:
+    """The one constant pad that ``node`` is built from, the data-movement ops in between, and the stored
+    constants and shape queries they read; ``None`` if anything else feeds ``node``."""
+    pad: ops.Pad | None = None
+    between: list[fx.Node] = []
+    leaves: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [node]
     while stack:
         n = stack.pop()
-        kind = _name(n)
-        if n.op not in ("call_function", "call_method") or kind not in _VIEW_OPS | _FILL_OPS:
+        if n in seen:
+            continue
+        seen.add(n)
+        if ops.opaque(n):
             return None
-        if not all(i is pad or i in chain or _constant_source(i, sources) for i in n.all_input_nodes):
-            return None  # something besides constants and views of the pad feeds it
-        chain.append(n)
-        if kind in _VIEW_OPS:
-            stack.extend(n.users)
-        elif n.users:
+        found = ops.constant_pad(n)
+        if found is not None:
+            if pad is not None and pad.node is not n:
+                return None
+            pad = found
+        elif n.op == "get_attr" or _int_value(n) is not None:
+            leaves.append(n)
+        elif n.op in ("call_function", "call_method") and _name(n) in _DATA_MOVEMENT and evaluate.deterministic(n):
+            between.append(n)
+            stack.extend(n.all_input_nodes)
+        else:
             return None
-    return chain
+    return (pad, between, leaves) if pad is not None else None
 
 
 def padded_by_value(gm: fx.GraphModule, node: fx.Node, reader: fx.Node) -> BorderPad | None:
-    """Recognize ``node`` (read by ``reader``) as its source padded with a per-channel constant border."""
-    pad = ops.constant_pad(node)
-    if pad is None:
+    """Recognize ``node`` (read by ``reader`` alone) as a tensor padded with a per-channel constant border."""
+    found = _subgraph(node)
+    if found is None:
         return None
-    sources: set[fx.Node] = set()
-    chain = _mutation_chain(node, reader, sources)
-    shape = ops.concrete_shape(pad.input)
-    if chain is None or shape is None or len(shape) < 3 or len(pad.pads) != 2 * (len(shape) - 2):
+    pad, between, leaves = found
+    allowed = {*between, reader}
+    if any(not set(n.users) <= allowed for n in [pad.node, *between]):
+        return None  # part of the padded tensor is read elsewhere too
+    shape = concrete_shape(pad.input)
+    if shape is None or len(shape) < 3 or len(pad.pads) != 2 * (len(shape) - 2) or any(p < 0 for p in pad.pads):
         return None
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if any(order[n] > order[reader] for n in chain):
-        return None  # a write after the read does not shape what the reader sees
     dtype = torch.float64  # probes hold distinct integers exactly whatever the model's dtype
     zeros = torch.zeros(shape, dtype=dtype)
     probe = torch.randperm(zeros.numel()).reshape(shape).to(dtype) + 1  # distinct, nonzero values
-    out_zero, out_probe = (_run(gm, pad, [*sources, *chain], x, order) for x in (zeros, probe))
-    if out_zero is None or out_probe is None:
+    out_zero, out_probe = (_run(gm, pad, node, [*leaves, *between], x) for x in (zeros, probe))
+    if out_zero is None or out_probe is None or out_zero.shape != F.pad(zeros, list(pad.pads)).shape:
         return None
     mask = F.pad(torch.zeros(shape, dtype=torch.bool), list(pad.pads), value=True)
     border = out_zero[(0, slice(None), *([0] * (len(shape) - 2)))].clone()
@@ -120,27 +111,17 @@ def padded_by_value(gm: fx.GraphModule, node: fx.Node, reader: fx.Node) -> Borde
         return None
     if not torch.equal(out_probe, F.pad(probe, list(pad.pads)) + expected_zero.to(dtype)):
         return None
-    return BorderPad(node, pad.input, pad.pads, border.to(torch.float64), tuple(chain))
+    return BorderPad(node, pad.input, pad.pads, border.to(torch.float64))
 
 
-def _run(gm: fx.GraphModule, pad: ops.Pad, nodes: list[fx.Node], x: torch.Tensor,
-         order: dict[fx.Node, int]) -> torch.Tensor | None:
-    """Evaluate the pad, its constant sources and its in-place writes on ``x``; the padded tensor afterwards."""
-    env: dict[fx.Node, object] = {}
+def _run(gm: fx.GraphModule, pad: ops.Pad, node: fx.Node, nodes: list[fx.Node], x: torch.Tensor
+         ) -> torch.Tensor | None:
+    """Evaluate the pad of ``x`` and the ops after it up to ``node``; ``node``'s value."""
+    env: dict[fx.Node, object] = {pad.node: F.pad(x, list(pad.pads), value=pad.value)}
+    env.update((n, _int_value(n)) for n in nodes if n.op != "get_attr" and _int_value(n) is not None)
     try:
-        env[pad.node] = F.pad(x, list(pad.pads), value=pad.value)
-        for n in sorted(nodes, key=order.__getitem__):
-            if n.op == "get_attr":
-                env[n] = ops.fetch_attr(gm, n.target)
-                continue
-            if _int_value(n) is not None:
-                env[n] = _int_value(n)
-                continue
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-            if n.op == "call_method":
-                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-            else:
-                env[n] = n.target(*args, **kwargs)
+        evaluate.run(gm, sorted(nodes, key=position), env)
+        value = env[node]
     except Exception:
         return None
-    return env[pad.node]
+    return value.to(torch.float64) if isinstance(value, torch.Tensor) else None

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from . import ops
-from .manager import PassStat
+from .cost import graph_cost
+from .pipeline import PassStat
 from .registry import Refusal
 from .verify import Verification
 
@@ -27,6 +28,7 @@ class OpCounts:
     mul_div: int
     other: int
     parameters: int
+    macs: int = 0  # multiply-accumulates per sample of the conv and linear layers, at the captured shape
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -50,7 +52,7 @@ def count_ops(gm: fx.GraphModule) -> OpCounts:
             seen.add(id(t))
             numel += t.numel()
     return OpCounts(counts["conv"], counts["linear"], counts["batch_norm"], counts["add_sub"], counts["mul_div"],
-                    counts["other"], numel)
+                    counts["other"], numel, graph_cost(gm).macs)
 
 
 def _is_tuple_tail(node: fx.Node) -> bool:
@@ -60,6 +62,8 @@ def _is_tuple_tail(node: fx.Node) -> bool:
 
 def _is_bookkeeping(node: fx.Node) -> bool:
     """getitem on a tuple, shape queries and similar: no work at run time."""
+    if node.meta.get("fxreparam_guard"):
+        return True  # the input-shape check
     name = getattr(node.target, "__name__", str(node.target))
     return name in ("getitem", "getattr", "size", "sym_size", "dim") or name.startswith("sym_size")
 
@@ -80,6 +84,7 @@ class Report:
     verification_note: str = ""
     rounds: int = 0
     notes: list[str] = field(default_factory=list)
+    verify_seconds: float = 0.0
 
     @property
     def rewrites(self) -> dict[str, int]:
@@ -88,14 +93,15 @@ class Report:
     def __str__(self) -> str:
         lines = [f"fxreparam report for {self.model}",
                  f"captured with {self.capture} in {self.capture_seconds:.2f} s; passes and checks "
-                 f"took {self.optimize_seconds:.2f} s ({self.rounds} rounds to a fixpoint)", ""]
+                 f"took {self.optimize_seconds:.2f} s ({self.rounds} rounds to a fixpoint; verification "
+                 f"{self.verify_seconds:.2f} s)", ""]
         lines += _table(["pass", "rewrites", "runs", "seconds"],
                         [[p.name, p.rewrites, p.runs, f"{p.seconds:.3f}"] for p in self.passes])
         lines.append("")
-        keys = list(self.before.as_dict())
-        lines += _table(["ops", "before", "after"],
-                        [[k.replace("_", "/" if k in ("add_sub", "mul_div") else "_"), self.before.as_dict()[k],
-                          self.after.as_dict()[k]] for k in keys])
+        labels = {"add_sub": "add/sub", "mul_div": "mul/div", "parameters": "stored elements",
+                  "macs": "MACs per sample"}
+        lines += _table(["ops and cost", "before", "after"],
+                        [[labels.get(k, k), v, self.after.as_dict()[k]] for k, v in self.before.as_dict().items()])
         lines.append("")
         if self.refusals:
             lines.append(f"refused ({len(self.refusals)}):")
@@ -103,7 +109,7 @@ class Report:
         else:
             lines.append("refused: nothing")
         lines.append("")
-        lines.append(f"verification: {self.verification if self.verification else self.verification_note}")
+        lines.append(f"verification: {self.verification if self.verification is not None else self.verification_note}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -1,18 +1,68 @@
-"""Helpers for testing folds honestly: batch norms with statistics that are not the defaults.
+"""Helpers for testing folds honestly: one pass on a small graph, and batch norms with real statistics.
 
-A BatchNorm fresh from its constructor (mean 0, var 1, gamma 1, beta 0) is the identity
-up to eps and hides a wrong fold; every test and example gives them random values first.
+:func:`run_pass` traces a small model, runs one registered pass on it and measures how far the
+rewritten graph is from the model, so each pass has a test of its own that runs in milliseconds.
+A BatchNorm fresh from its constructor (mean 0, var 1, gamma 1, beta 0) is the identity up to eps
+and hides a wrong fold; every test and example gives them random values first.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["calibrate_batch_norms", "executed_ops", "randomize_batch_norms"]
+from . import ops
+from .capture import symbolic_trace
+from .pipeline import run_passes
+from .registry import Refusal, resolve
+
+__all__ = ["PassRun", "calibrate_batch_norms", "executed_ops", "randomize_batch_norms", "run_pass"]
+
+
+@dataclass
+class PassRun:
+    """One pass run on a small model: the rewritten graph, how many rewrites, what was refused, the error."""
+
+    gm: fx.GraphModule
+    rewrites: int
+    refusals: list[Refusal]
+    error: float
+
+    def count(self, kind: str) -> int:
+        """How many ``"conv"``, ``"linear"``, ``"batch_norm"``, ``"add_sub"`` or ``"mul_div"`` ops remain."""
+        return sum(ops.op_kind(self.gm, n) == kind for n in self.gm.graph.nodes)
+
+    def layers(self, kind: type[nn.Module] = nn.Module) -> list[nn.Module]:
+        """The modules of type ``kind`` that the rewritten graph calls, in graph order."""
+        called = [self.gm.get_submodule(str(n.target)) for n in self.gm.graph.nodes if n.op == "call_module"]
+        return [m for m in called if isinstance(m, kind)]
+
+    @property
+    def reasons(self) -> str:
+        return " | ".join(r.reason for r in self.refusals)
+
+
+def run_pass(name: str, model: nn.Module, *inputs: torch.Tensor, randomize: bool = True) -> PassRun:
+    """Trace ``model`` (eval mode; shapes recorded from ``inputs``), run the pass ``name`` alone to a fixpoint,
+    and measure the largest elementwise error of the rewritten graph against ``model``, relative to each
+    output's scale. With ``randomize`` BatchNorms get random statistics first."""
+    model = copy.deepcopy(model)
+    model = (randomize_batch_norms(model) if randomize else model).eval()
+    gm = symbolic_trace(model)
+    ShapeProp(gm).propagate(*inputs)
+    log = run_passes(gm, resolve(name))
+    gm.recompile()
+    with torch.no_grad():
+        want, got = pytree.tree_leaves(model(*inputs)), pytree.tree_leaves(gm(*inputs))
+    error = max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for w, g in zip(want, got))
+    return PassRun(gm, sum(s.rewrites for s in log.stats.values()), log.refusals, error)
 
 
 class _CountOps(TorchDispatchMode):

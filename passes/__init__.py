@@ -1,5 +1,17 @@
-"""The built-in rewrite passes; importing this package registers them (``fxreparam.list_passes()``)."""
+"""The built-in rewrite passes, one per module, each named like its file; importing this package registers
+them (``fxreparam.list_passes()``; their order is :data:`fxreparam.pipeline.BUILTIN_ORDER`)."""
 
-from . import bn_conv, branch_sum, cleanup, conv_bn, dirac, linear_bn, prune, sequential
+from . import (
+    bn_conv,
+    branch_sum,
+    cleanup,
+    conv_bn,
+    fold_constants,
+    identity,
+    pool_as_conv,
+    prune_zero_channels,
+    sequential,
+)
 
-__all__ = ["bn_conv", "branch_sum", "cleanup", "conv_bn", "dirac", "linear_bn", "prune", "sequential"]
+__all__ = ["bn_conv", "branch_sum", "cleanup", "conv_bn", "fold_constants", "identity", "pool_as_conv",
+           "prune_zero_channels", "sequential"]

@@ -44,6 +44,6 @@ def prune_unused(gm: fx.GraphModule) -> int:
     return removed
 
 
-@register_pass("cleanup", "remove dead nodes and the parameters, buffers and modules nothing reads", order=1000)
+@register_pass("cleanup", "remove dead nodes and the parameters, buffers and modules nothing reads")
 def cleanup(ctx: PassContext) -> int:
     return eliminate_dead_code(ctx.graph) + prune_unused(ctx.gm)

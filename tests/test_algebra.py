@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,13 +26,6 @@ def test_bn_to_affine_matches_batch_norm():
     assert close(a.view(1, -1, 1, 1) * x + c.view(1, -1, 1, 1), expected)
     a, c = algebra.bn_to_affine(mean, var, None, None, 1e-5)  # affine=False
     assert close(a.view(1, -1, 1, 1) * x + c.view(1, -1, 1, 1), F.batch_norm(x, mean, var, training=False))
-
-
-def test_affine_after_affine_composes():
-    x = torch.randn(7, dtype=torch.float64)
-    f, g = (torch.randn(7).double(), torch.randn(7).double()), (torch.randn(7).double(), torch.randn(7).double())
-    a, c = algebra.affine_after_affine(f, g)
-    assert close(a * x + c, g[0] * (f[0] * x + f[1]) + g[1])
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -108,20 +103,54 @@ def test_identity_kernel_refuses_even_sizes():
         algebra.identity_kernel(4, 4, (2, 2))
 
 
-def test_compose_pointwise_both_orders():
+def test_compose_both_orders():
     x = torch.randn(2, 5, 8, 8, dtype=torch.float64)
     kxk = torch.randn(6, 5, 3, 3, dtype=torch.float64)
     pw_after = torch.randn(4, 6, 1, 1, dtype=torch.float64)
-    assert close(F.conv2d(x, algebra.compose_pointwise(pw_after, kxk)), F.conv2d(F.conv2d(x, kxk), pw_after))
+    w, g = algebra.compose(pw_after, 1, kxk, 1)
+    assert g == 1 and close(F.conv2d(x, w), F.conv2d(F.conv2d(x, kxk), pw_after))
     pw_before = torch.randn(7, 5, 1, 1, dtype=torch.float64)
     kxk2 = torch.randn(3, 7, 3, 3, dtype=torch.float64)
-    assert close(F.conv2d(x, algebra.compose_pointwise(kxk2, pw_before)), F.conv2d(F.conv2d(x, pw_before), kxk2))
+    w, g = algebra.compose(kxk2, 1, pw_before, 1)
+    assert g == 1 and close(F.conv2d(x, w), F.conv2d(F.conv2d(x, pw_before), kxk2))
 
 
-def test_cast_like_rounds_once_to_the_model_dtype():
+@pytest.mark.parametrize(("outer_groups", "inner_groups"), [(4, 4), (2, 4), (4, 1), (8, 8)])
+def test_compose_keeps_the_common_group_structure(outer_groups, inner_groups):
+    """REPARAM §9: a grouped 1x1 then a grouped kxk compose per group, at gcd of the group counts."""
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    pw = torch.randn(8, 8 // inner_groups, 1, 1, dtype=torch.float64)
+    kxk = torch.randn(8, 8 // outer_groups, 3, 3, dtype=torch.float64)
+    b1, b2 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    w, g = algebra.compose(kxk, outer_groups, pw, inner_groups)
+    bias = algebra.compose_bias(kxk, b2, outer_groups, b1)
+    want = F.conv2d(F.conv2d(x, pw, b1, groups=inner_groups), kxk, b2, groups=outer_groups)
+    assert g == math.gcd(outer_groups, inner_groups) and close(F.conv2d(x, w, bias, groups=g), want)
+
+
+def test_linear_weights_compose():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    w, _ = algebra.compose(b, 1, a, 1)
+    assert close(x @ w.T, (x @ a.T) @ b.T)
+
+
+def test_cast_to_rounds_once_to_the_model_dtype():
     w = torch.randn(3, 3, dtype=torch.float16)
-    out = algebra.cast_like(algebra.exact(w) * 2, w)
+    out = algebra.cast_to(algebra.exact(w) * 2, w.dtype, w.device)
     assert out.dtype == torch.float16 and torch.equal(out, w * 2)
+
+
+def test_finite_rejects_inf_and_nan():
+    assert algebra.finite(torch.ones(2), None)
+    assert not algebra.finite(torch.tensor([1.0, float("inf")]))
+    assert not algebra.finite(torch.tensor([float("nan")]))
+
+
+def test_avg_pool_kernel_is_the_pool():
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    w = algebra.avg_pool_kernel(3, (3, 3))
+    assert close(F.conv2d(x, w, stride=2, padding=1, groups=3), F.avg_pool2d(x, 3, 2, 1))
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -136,3 +165,20 @@ def test_affine_after_and_before_a_conv(groups):
     w3, b3 = algebra.affine_before(w, b, (a_in, c_in), groups=groups)
     expected = F.conv2d(x * a_in.view(1, -1, 1, 1) + c_in.view(1, -1, 1, 1), w, b, groups=groups)
     assert close(F.conv2d(x, w3, b3, groups=groups), expected)
+
+
+@pytest.mark.parametrize(("groups", "structure"), [(1, 4), (1, 1), (2, 8), (1, 6)])
+def test_coarsest_groups_finds_the_block_structure(groups, structure):
+    """REPARAM §9: a kernel whose off-diagonal blocks are zero is the same conv with more groups."""
+    x = torch.randn(2, 24, 5, 5, dtype=torch.float64)
+    fine = torch.randn(24, 24 // structure, 3, 3, dtype=torch.float64)
+    dense = algebra.regroup(fine, structure, groups) if structure % groups == 0 else fine
+    start = groups if structure % groups == 0 else structure
+    w, g = algebra.coarsest_groups(dense, start)
+    assert g == max(structure, start) and w.shape[1] == 24 // g
+    assert close(F.conv2d(x, w, groups=g), F.conv2d(x, dense, groups=start))
+
+
+def test_coarsest_groups_keeps_a_dense_kernel_dense():
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    assert algebra.coarsest_groups(w, 1)[1] == 1

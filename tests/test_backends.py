@@ -156,3 +156,35 @@ def test_aot_inductor_package(tmp_path):
                                       backend_options={"path": str(tmp_path / "folded.pt2")})
     assert path.exists()
     assert rel_err(model(x), runner(x)) < 1e-5
+
+
+def test_a_region_failing_verification_compiles_without_the_culprit_and_warns():
+    @fxreparam.register_pass("scale_region_output", "a deliberately wrong rewrite, for this test", after="conv_bn")
+    def scale_region_output(ctx):
+        if getattr(ctx.gm, "_scaled_by_test", False):
+            return 0
+        output = next(n for n in ctx.graph.nodes if n.op == "output")
+        first = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+        with ctx.graph.inserting_before(output):
+            scaled = ctx.graph.call_function(torch.mul, (first, 1.5))
+        output.replace_input_with(first, scaled)
+        ctx.gm._scaled_by_test = True
+        return 1
+
+    try:
+        torch._dynamo.reset()
+        model = repvgg_like()
+        x = torch.randn(2, 4, 6, 6)
+        compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+        with pytest.warns(UserWarning, match="scale_region_output"), torch.no_grad():
+            y = compiled(x)
+        with torch.no_grad():
+            assert rel_err(model(x), y) < 1e-5
+        region = fxreparam.region_reports()[-1]
+        assert "scale_region_output" not in region.rewrites and region.after.batch_norm == 0
+        assert region.verification.ok and any("scale_region_output" in n for n in region.notes)
+        assert "scale_region_output" in str(region)
+        assert region.optimize_seconds > 0 and region.capture_seconds > 0
+    finally:
+        fxreparam.unregister_pass("scale_region_output")
+        torch._dynamo.reset()

@@ -271,3 +271,12 @@ def test_identity_needs_stride_one_and_equal_channels():
 
     rep = fxreparam.report(fold(Strided(), torch.randn(2, 4, 8, 8)))
     assert rep.after.conv == 1 and rep.after.add_sub == 1
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_grouped_and_depthwise_dbb_keep_their_group_structure(groups):
+    """REPARAM §9: a grouped or depthwise DBB block folds to a conv with its groups, never a denser one."""
+    folded = fold(DiverseBranchBlock(8, 8, 3, groups), torch.randn(2, 8, 10, 10))
+    (conv,) = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.groups == groups
+    assert conv.weight.numel() + conv.bias.numel() == 8 * (8 // groups) * 9 + 8  # the hand-written deploy form

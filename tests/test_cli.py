@@ -68,7 +68,7 @@ def test_bad_model_spec_is_a_clear_error(tmp_path):
 def test_passes_lists_every_registered_pass():
     out = run("passes")
     assert out.returncode == 0
-    for name in ("dirac", "conv_bn", "branch_sum", "identity", "sequential", "prune_zero_channels", "cleanup"):
+    for name in ("fold_constants", "conv_bn", "branch_sum", "identity", "sequential", "prune_zero_channels", "cleanup"):
         assert name in out.stdout
 
 

@@ -144,17 +144,14 @@ def test_deleting_the_original_frees_it():
 
 
 def test_failed_verification_leaves_nothing_half_applied():
-    @fxreparam.register_pass("negate_convs", "deliberately wrong, for this test", order=55)
-    def negate_convs(ctx):
-        n = 0
-        for node in list(ctx.graph.nodes):
-            layer = fxreparam.ops.conv(ctx.gm, node)
-            if layer is not None and not node.meta.get("negated"):
-                from fxreparam.graph import emit
-
-                emit(ctx.gm, layer, -layer.weight, layer.bias, layer.input, node).meta["negated"] = True
-                n += 1
-        return n
+    @fxreparam.register_pass("negate_convs", "deliberately wrong, for this test", after="sequential")
+    def negate_convs(ctx, node):
+        layer = fxreparam.ops.conv(ctx.gm, node)
+        if layer is None or node.meta.get("negated"):
+            return False
+        fxreparam.emit(ctx.gm, layer.spec, -layer.weight, layer.bias, input=layer.input, replaces=node,
+                       storage=layer.storage).meta["negated"] = True
+        return True
 
     model = randomize_batch_norms(nn.Sequential(RepBlock())).eval()
     before = copy.deepcopy(model.state_dict())

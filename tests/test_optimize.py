@@ -101,18 +101,15 @@ def test_capture_error_names_both_tracers_and_the_remedy():
 
 
 def test_verification_error_names_the_pass_that_broke_the_model():
-    @fxreparam.register_pass("double_every_conv", "a deliberately wrong rewrite, for this test", order=50)
-    def double_every_conv(ctx):
-        n = 0
-        for node in ctx.graph.nodes:
-            layer = fxreparam.ops.conv(ctx.gm, node)
-            if layer is not None and not node.meta.get("doubled"):
-                from fxreparam.graph import emit
-
-                new = emit(ctx.gm, layer, layer.weight * 2, layer.bias, layer.input, node)
-                new.meta["doubled"] = True
-                n += 1
-        return n
+    @fxreparam.register_pass("double_every_conv", "a deliberately wrong rewrite, for this test", after="conv_bn")
+    def double_every_conv(ctx, node):
+        layer = fxreparam.ops.conv(ctx.gm, node)
+        if layer is None or node.meta.get("doubled"):
+            return False
+        new = fxreparam.emit(ctx.gm, layer.spec, layer.weight * 2, layer.bias, input=layer.input, replaces=node,
+                             storage=layer.storage)
+        new.meta["doubled"] = True
+        return True
 
     try:
         model = randomize_batch_norms(conv_bn_relu()).eval()
@@ -129,8 +126,10 @@ def test_verification_error_names_the_pass_that_broke_the_model():
 def test_registry_lists_passes_in_order_with_descriptions():
     passes = fxreparam.list_passes()
     names = [p.name for p in passes]
-    assert names[:2] == ["dirac", "conv_bn"] and names[-1] == "cleanup"
-    assert {"conv_bn", "linear_bn", "bn_conv", "dirac", "cleanup"} <= set(names)
+    assert names == list(fxreparam.BUILTIN_ORDER)
+    assert names[:2] == ["fold_constants", "conv_bn"] and names[-1] == "cleanup"
+    assert [p.name for p in fxreparam.registry.resolve(["dirac", "avgpool"])] == ["fold_constants", "pool_as_conv"]
+    assert [p.name for p in fxreparam.registry.resolve("linear_bn")] == ["conv_bn", "bn_conv"]
     assert all(p.description for p in passes)
     with pytest.raises(ValueError, match="already registered"):
         fxreparam.register_pass("conv_bn", "again")(lambda ctx: 0)

@@ -68,7 +68,7 @@ def test_conv_bn_grid_export(dims, transposed, groups, stride, dilation, bias, a
     rep = fxreparam.report(folded)
     assert rep.capture.startswith("torch.export")
     assert rep.after.batch_norm == 0 and rep.after.conv == 1
-    assert rep.verification.error < 1e-6
+    assert rep.verification.ok  # per channel, float32 against float64, within the model's own rounding
 
 
 def test_conv_bn_functional_form():

@@ -1,0 +1,115 @@
+"""One cost model: the weights a layer stores and the multiply-accumulates it does per sample.
+
+Op counts are not the measure: a fold that turns a depthwise conv into a dense one halves
+nothing and multiplies the work. Every pass asks :func:`why_costlier` before it emits a
+layer that replaces others, and the report prints totals from :func:`graph_cost`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from . import ops
+from .meta import concrete_shape
+
+__all__ = ["MAX_CONSTANT_GROWTH", "Cost", "graph_cost", "kernel_cost", "node_positions", "why_costlier",
+           "why_not_stored"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Stored weights (elements, bias included) and multiply-accumulates per sample."""
+
+    weights: int
+    macs: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.weights + other.weights, self.macs + other.macs)
+
+
+def _positions(shape: tuple[int, ...] | None, channel_dim: int) -> int:
+    """Output positions per sample: the product of the dims after the channel axis (1 where unknown)."""
+    if shape is None:
+        return 1
+    return math.prod(shape[channel_dim + 1:]) if channel_dim >= 0 else 1
+
+
+def kernel_cost(weight: torch.Tensor, bias: torch.Tensor | None, positions: int, *, transposed: bool = False,
+                input_positions: int | None = None) -> Cost:
+    """Cost of a conv or linear kernel applied at ``positions`` output positions per sample.
+
+    A conv does ``O * I/g * prod(k)`` MACs per output position (all of ``weight``); a transposed conv does
+    all of ``weight`` per *input* position (``input_positions``).
+    """
+    stored = weight.numel() + (bias.numel() if bias is not None else 0)
+    per = input_positions if transposed and input_positions is not None else positions
+    return Cost(stored, weight.numel() * per)
+
+
+MAX_CONSTANT_GROWTH = 1 << 22
+"""Largest precomputed constant (elements) worth storing when it is bigger than all the stored tensors it
+comes from: an ``expand`` of a bias to activation size is cheaper left in the forward."""
+
+
+def why_not_stored(numel: int, source_numel: int) -> str | None:
+    """Why a constant of ``numel`` elements computed from ``source_numel`` stored ones should stay in the
+    forward rather than be stored, or ``None``."""
+    if numel > max(source_numel, MAX_CONSTANT_GROWTH):
+        return f"it would grow to {numel:,} stored elements from {source_numel:,}"
+    return None
+
+
+def why_costlier(before: Iterable[Cost], after: Cost) -> str | None:
+    """Why replacing layers costing ``before`` by one costing ``after`` is a regression, or ``None``."""
+    total = sum(before, Cost(0, 0))
+    if after.weights > total.weights:
+        return f"it would store {after.weights:,} weights where the layers it replaces store {total.weights:,}"
+    if after.macs > total.macs:
+        return f"it would do {after.macs:,} multiply-accumulates per sample where the layers it replaces do " \
+               f"{total.macs:,}"
+    return None
+
+
+def node_positions(node: fx.Node, channel_dim: int) -> int:
+    """Positions per sample of ``node``'s value (after its channel axis), from capture's shapes."""
+    return _positions(concrete_shape(node), channel_dim)
+
+
+def _kernel_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[int, ...], bool] | None:
+    """The weight shape of a conv or linear node (stored or computed in forward), and whether it is a conv."""
+    layer = ops.weighted(gm, node)
+    if layer is not None:
+        return tuple(layer.weight.shape), layer.is_conv
+    kind = ops.op_kind(gm, node)
+    if kind not in ("conv", "linear") or node.op != "call_function" or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    shape = concrete_shape(weight) if isinstance(weight, fx.Node) else None
+    return (shape, kind == "conv") if shape is not None else None
+
+
+def graph_cost(gm: fx.GraphModule) -> Cost:
+    """Total kernel weights and MACs per sample of the conv and linear layers of ``gm``, at the captured shapes.
+
+    A transposed conv is counted like a conv at its output positions (an upper bound).
+    """
+    total = Cost(0, 0)
+    for node in gm.graph.nodes:
+        found = _kernel_shape(gm, node) if node.op in ("call_module", "call_function") else None
+        if found is None:
+            continue
+        shape, is_conv = found
+        out = concrete_shape(node)
+        numel = math.prod(shape)
+        if is_conv:
+            dims = len(shape) - 2
+            positions = _positions(out, 1 if out is not None and len(out) == dims + 2 else 0)
+        else:
+            positions = math.prod(out[1:-1]) if out is not None and len(out) > 2 else 1
+        total += Cost(numel, numel * positions)
+    return total

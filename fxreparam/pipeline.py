@@ -1,0 +1,131 @@
+"""The pipeline: the built-in passes in one ordered list, and the runner that takes a graph to a fixpoint.
+
+One fold can expose another (a folded constant makes a conv whose BN can then fold), so the
+passes repeat, round after round, until none rewrites anything. Every pass sweeps the graph
+once per round and rewrites all its matches in that sweep, so a round is linear in graph size
+and the number of rounds is bounded by how deeply folds nest. After every pass that rewrote
+something the graph is linted, as ``torch.fx``'s ``PassManager(run_checks_after_each_pass=True)``
+does, so a pass that corrupts the graph is named at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .graph import eliminate_dead_code
+from .mutation import mark_written
+from .registry import Pass, PassContext, PassError, Refusal
+
+__all__ = ["BUILTIN_ORDER", "MAX_ROUNDS", "PassLog", "PassStat", "ordered", "replay", "run_passes"]
+
+BUILTIN_ORDER: tuple[str, ...] = (
+    "fold_constants",       # parameter-only subgraphs (Dirac, weight norm, parametrize) -> stored weights
+    "conv_bn",              # per-channel affine after a conv or linear layer -> into its kernel
+    "bn_conv",              # per-channel affine before a conv or linear layer -> into its kernel, where exact
+    "pool_as_conv",         # exact average pool before a per-channel affine -> depthwise conv
+    "sequential",           # 1x1-kxk, kxk-1x1, linear-linear pairs -> one layer
+    "branch_sum",           # summed conv / BN / pool branches of one input -> one conv
+    "identity",             # x + f(x) -> f's conv with a Dirac kernel added
+    "prune_zero_channels",  # all-zero output channels -> removed with the inputs that read them
+    "cleanup",              # dead nodes and unread tensors -> gone
+)
+"""The order the built-in passes run in, each round."""
+
+MAX_ROUNDS = 32
+
+
+def ordered(passes: list[Pass]) -> list[Pass]:
+    """``passes`` in pipeline order: the built-ins by :data:`BUILTIN_ORDER`, each user pass right after the
+    pass its ``after`` names (default: before ``cleanup``), user passes in registration order."""
+    by_name = {p.name: p for p in passes}
+    result = [by_name[n] for n in BUILTIN_ORDER if n in by_name]
+    for p in passes:
+        if p.name in BUILTIN_ORDER:
+            continue
+        anchor = p.after if p.after in {q.name for q in result} else None
+        if anchor is None:
+            at = next((i for i, q in enumerate(result) if q.name == "cleanup"), len(result))
+        else:
+            at = next(i for i, q in enumerate(result) if q.name == anchor) + 1
+            while at < len(result) and result[at].name not in BUILTIN_ORDER and result[at].after == anchor:
+                at += 1  # after earlier user passes anchored at the same place
+        result.insert(at, p)
+    return result
+
+
+@dataclass
+class PassStat:
+    """How often one pass ran, how many rewrites it made, and the time it took."""
+
+    name: str
+    runs: int = 0
+    rewrites: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PassLog:
+    """The outcome of one pipeline: stats per pass, refusals still standing, and the rewriting schedule."""
+
+    stats: dict[str, PassStat] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+    schedule: list[str] = field(default_factory=list)  # passes in the order they ran, one entry per run
+    rounds: int = 0
+
+
+def _run_one(p: Pass, ctx: PassContext) -> int:
+    """Run one pass; after a rewrite drop dead code and lint the graph, naming the pass if it is broken."""
+    n = p(ctx)
+    if n:
+        eliminate_dead_code(ctx.graph)  # code is generated once, by finalize, not per pass
+        try:
+            ctx.graph.lint()
+        except Exception as err:
+            raise PassError(f"pass {p.name!r} left an invalid graph: {err}", pass_name=p.name, node=None) from err
+    return n
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = MAX_ROUNDS) -> PassLog:
+    """Rewrite ``gm`` in place with ``passes`` (in the order given) to a fixpoint.
+
+    Returns the :class:`PassLog`; refusals of nodes that a later fold removed are dropped from it.
+    """
+    log = PassLog(stats={p.name: PassStat(p.name) for p in passes})
+    ctx = PassContext(gm, pass_name="in-place writes")
+    for node, why in mark_written(gm):  # symbolic_trace graphs only: an export capture is functional
+        ctx.refuse(node, why)
+    for _ in range(max_rounds):
+        log.rounds += 1
+        changed = 0
+        for p in passes:
+            start = time.perf_counter()
+            n = _run_one(p, ctx)
+            stat = log.stats[p.name]
+            stat.runs += 1
+            stat.rewrites += n
+            stat.seconds += time.perf_counter() - start
+            log.schedule.append(p.name)
+            changed += n
+        if not changed:
+            break
+    alive = {n.name for n in gm.graph.nodes}
+    seen: set[tuple[str, str]] = set()
+    for r in ctx.refusals.values():  # one entry per node and reason, from the first pass that gave it
+        if r.node in alive and (r.node, r.reason) not in seen:
+            seen.add((r.node, r.reason))
+            log.refusals.append(r)
+    return log
+
+
+def replay(gm: fx.GraphModule, schedule: Sequence[Pass]) -> Iterator[Pass]:
+    """Run ``schedule`` one pass at a time, yielding after each so a caller can check the graph."""
+    mark_written(gm)
+    ctx = PassContext(gm)
+    for p in schedule:
+        if _run_one(p, ctx):
+            gm.recompile()
+        yield p

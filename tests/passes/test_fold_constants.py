@@ -1,0 +1,54 @@
+"""``fold_constants`` alone: subgraphs of stored tensors become stored weights; random or written ones do not."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxreparam.testing import run_pass
+
+
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, F.normalize(self.weight.flatten(1)).view_as(self.weight))
+
+
+def test_weight_computed_from_parameters_becomes_a_constant():
+    run = run_pass("fold_constants", _Normalized(), torch.randn(1, 3, 4, 4))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+
+
+class _InPlace(nn.Module):
+    """A Dirac kernel written into a zeros tensor: with symbolic_trace the write is in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        d = torch.zeros_like(self.weight)
+        for k in range(3):
+            d[k, k, 1, 1].fill_(1.0)  # a write through a view
+        return F.conv2d(x, d + self.weight, padding=1)
+
+
+def test_tensor_written_in_place_is_not_frozen_before_its_writes():
+    run = run_pass("fold_constants", _InPlace(), torch.randn(1, 3, 4, 4))
+    assert run.error < 1e-6  # folded after the writes, or left to run in forward
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rate = nn.Parameter(torch.full((3,), 4.0))
+
+    def forward(self, x):
+        return x + torch.poisson(self.rate).view(1, 3, 1, 1)
+
+
+def test_random_op_is_not_frozen():
+    gm = run_pass("fold_constants", _Noisy(), torch.zeros(1, 3, 2, 2)).gm
+    assert any(n.target is torch.poisson for n in gm.graph.nodes)

@@ -1,0 +1,55 @@
+"""``prune_zero_channels`` alone: all-zero output channels go with the inputs that read them, where nothing
+else needs them; pools that reach the channel axis keep them."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxreparam.testing import run_pass
+
+
+def _with_zero_channels(conv: nn.Module, channels=(1, 3)) -> nn.Module:
+    with torch.no_grad():
+        for c in channels:
+            conv.weight[c] = 0
+            conv.bias[c] = 0
+    return conv
+
+
+def test_zero_channels_between_two_convs_are_removed():
+    model = nn.Sequential(_with_zero_channels(nn.Conv2d(3, 5, 3)), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    run = run_pass("prune_zero_channels", model, torch.randn(1, 3, 6, 6))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+    assert run.layers(nn.Conv2d)[0].out_channels == 3
+
+
+def test_zero_channels_through_flatten_into_linear_are_removed():
+    model = nn.Sequential(_with_zero_channels(nn.Conv2d(3, 5, 3)), nn.Flatten(), nn.Linear(5 * 4 * 4, 2))
+    run = run_pass("prune_zero_channels", model, torch.randn(2, 3, 6, 6))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+
+
+def test_unbatched_zero_channels_are_removed_along_dim_0():
+    model = nn.Sequential(_with_zero_channels(nn.Conv1d(3, 5, 3)), nn.ReLU(), nn.Conv1d(5, 2, 1))
+    run = run_pass("prune_zero_channels", model, torch.randn(3, 9))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+
+
+class _PoolOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _with_zero_channels(nn.Conv2d(3, 5, 3)), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.b(F.max_pool3d(self.a(x), (2, 1, 1)))  # a 3-d pool on a 4-d tensor pools over channels
+
+
+def test_pool_that_mixes_channels_keeps_them():
+    run = run_pass("prune_zero_channels", _PoolOverChannels(), torch.randn(1, 3, 6, 6))
+    assert run.rewrites == 0 and run.error < 1e-6
+
+
+def test_pool_over_the_channel_axis_of_a_conv1d_output_keeps_them():
+    model = nn.Sequential(_with_zero_channels(nn.Conv1d(3, 6, 3)), nn.MaxPool2d((3, 1)), nn.Conv1d(2, 2, 1))
+    run = run_pass("prune_zero_channels", model, torch.randn(1, 3, 9))
+    assert run.rewrites == 0 and run.error < 1e-6

@@ -1,0 +1,56 @@
+"""``sequential`` alone: two linear layers in a row become one where exact and no costlier."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxreparam.testing import run_pass
+
+
+def test_kxk_then_pointwise_composes():
+    run = run_pass("sequential", nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1)),
+                   torch.randn(1, 4, 6, 6))
+    assert (run.rewrites, run.count("conv"), run.error < 1e-6) == (1, 1, True)
+
+
+def test_grouped_pointwise_then_grouped_kxk_stays_grouped():
+    run = run_pass("sequential", nn.Sequential(nn.Conv2d(8, 8, 1, groups=4), nn.Conv2d(8, 8, 3, groups=4)),
+                   torch.randn(1, 8, 6, 6))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+    (conv,) = run.layers(nn.Conv2d)
+    assert conv.groups == 4
+
+
+def test_depthwise_then_dense_pointwise_that_would_densify_is_refused():
+    # 16 -> 24 channels: a depthwise 3x3 (144 weights) then a 1x1 (384) is cheaper than one dense 3x3 (3,456).
+    run = run_pass("sequential", nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                                               nn.Conv2d(16, 24, 1, bias=False)), torch.randn(1, 16, 6, 6))
+    assert run.rewrites == 0 and "weights" in run.reasons
+
+
+def test_pointwise_with_bias_then_zero_padded_kxk_is_refused():
+    run = run_pass("sequential", nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)),
+                   torch.randn(1, 4, 5, 5))
+    assert run.rewrites == 0 and "bias" in run.reasons
+
+
+class _Cropped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x), [-1, -1, -1, -1]))
+
+
+def test_negative_pad_between_layers_never_becomes_negative_padding():
+    run = run_pass("sequential", _Cropped(), torch.randn(1, 3, 8, 8))
+    assert run.error < 1e-6
+    assert all(min(m.padding) >= 0 for m in run.layers(nn.Conv2d))
+
+
+def test_linear_pair_composes_when_cheaper():
+    run = run_pass("sequential", nn.Sequential(nn.Linear(8, 2), nn.Linear(2, 3)), torch.randn(4, 8))
+    assert run.rewrites == 0  # 8*2 + 2*3 = 22 < 8*3 = 24
+    run = run_pass("sequential", nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 2)), torch.randn(4, 3))
+    assert (run.rewrites, run.count("linear"), run.error < 1e-6) == (1, 1, True)

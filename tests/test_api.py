@@ -1,0 +1,94 @@
+"""Bad calls to ``optimize`` get a clear error before any work; selections by one name; progress on request."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fxreparam
+from fxreparam.testing import randomize_batch_norms
+
+
+def conv_bn() -> nn.Module:
+    return randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))).eval()
+
+
+@pytest.mark.parametrize("bad", [None, lambda x: x, torch.relu], ids=["None", "lambda", "function"])
+def test_not_a_module_is_a_type_error_naming_nn_module(bad):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        fxreparam.optimize(bad, torch.randn(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize("example", ["cpu", "none"])
+def test_weights_on_the_meta_device_say_to_load_real_weights(example):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 6, 6) if example == "cpu" else None
+    with pytest.raises(ValueError, match="meta device: load real weights first"):
+        fxreparam.optimize(model, x)
+
+
+def test_example_on_the_meta_device_is_a_value_error():
+    with pytest.raises(ValueError, match="meta device"):
+        fxreparam.optimize(conv_bn(), torch.randn(1, 3, 6, 6, device="meta"))
+
+
+def test_passes_and_skip_take_a_single_name():
+    model, x = conv_bn(), torch.randn(1, 3, 6, 6)
+    skipped = fxreparam.report(fxreparam.optimize(model, x, skip="conv_bn"))
+    assert skipped.after.batch_norm == 1 and "conv_bn" not in [p.name for p in skipped.passes]
+    only = fxreparam.report(fxreparam.optimize(model, x, passes="conv_bn"))
+    assert [p.name for p in only.passes] == ["conv_bn"] and only.after.batch_norm == 0
+
+
+@pytest.mark.parametrize("where", ["skip", "passes"])
+def test_unknown_pass_names_raise_key_error_listing_the_known(where):
+    with pytest.raises(KeyError, match="conv_bn"):
+        fxreparam.optimize(conv_bn(), torch.randn(1, 3, 6, 6), **{where: ["no_such_pass"]})
+
+
+def test_unknown_backend_and_backend_option_are_value_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="bogus"):
+        fxreparam.optimize(conv_bn(), torch.randn(1, 3, 6, 6), backend_options={"bogus": 1})
+    with pytest.raises(ValueError, match="unknown backend"):
+        fxreparam.optimize(conv_bn(), torch.randn(1, 3, 6, 6), backend="onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_nothing_to_compare_raises_and_leaves_the_model_alone():
+    class Empty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = conv_bn()
+
+        def forward(self, x):
+            return self.block(x)[:, :0]
+
+    model = Empty().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxreparam.VerificationError, match="could not verify") as info:
+        fxreparam.optimize(model, torch.randn(2, 3, 6, 6))  # every output is empty: never "ok"
+    assert info.value.pass_name is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_progress_logs_each_step_with_its_time(capsys):
+    level = logging.getLogger("fxreparam").level
+    fxreparam.optimize(conv_bn(), torch.randn(2, 3, 6, 6), progress=True)
+    err = capsys.readouterr().err
+    for step in ("capturing", "captured", "passes", "verified"):
+        assert f"fxreparam: {step}" in err or step in err, step
+    assert " s" in err and logging.getLogger("fxreparam").level == level
+    fxreparam.optimize(conv_bn(), torch.randn(2, 3, 6, 6))
+    assert "fxreparam:" not in capsys.readouterr().err
+
+
+def test_optimize_documents_its_arguments():
+    doc = fxreparam.optimize.__doc__
+    for section in ("Args:", "Returns:", "Raises:", "progress:", "backend_options:", "tolerance:"):
+        assert section in doc

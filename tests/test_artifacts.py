@@ -1,0 +1,98 @@
+"""Deployment artifacts keep a dynamic batch and check shapes: .pt2 programs, ONNX, AOTInductor; deploy()'s options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxreparam
+from fxreparam import deploy
+from fxreparam.capture import ShapeError
+from fxreparam.testing import randomize_batch_norms
+
+
+def pooled() -> nn.Module:
+    """Conv, BN, ReLU, global pooling, Linear: a net that runs at any batch and spatial size."""
+    return randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))).eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_load_accept_another_batch_size_and_check_shapes(tmp_path):
+    model, x = pooled(), torch.randn(1, 3, 6, 6)
+    folded = fxreparam.optimize(model, x)
+    path = fxreparam.save(folded, tmp_path / "folded.pt2", x)
+    loaded = fxreparam.load(path)
+    with torch.no_grad():
+        for shape in [(1, 3, 6, 6), (5, 3, 6, 6), (3, 3, 9, 7)]:
+            y = torch.randn(shape)
+            assert close(loaded(y), model(y)), shape
+        with pytest.raises(ShapeError, match=r"dim 1.*only 3"):
+            loaded(torch.randn(5, 2, 6, 6))
+
+
+def test_export_onnx_keeps_a_dynamic_batch(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime: pip install 'fxreparam[onnx]'")
+    model, x = pooled(), torch.randn(2, 3, 6, 6)
+    folded = fxreparam.optimize(model, x)
+    path = fxreparam.export_onnx(folded, x, tmp_path / "folded.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert not isinstance(session.get_inputs()[0].shape[0], int), "the batch axis should be symbolic"
+    y = torch.randn(5, 3, 6, 6)
+    (out,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+    with torch.no_grad():
+        assert close(torch.from_numpy(out), model(y))
+
+
+def test_aot_inductor_without_a_path_writes_a_temp_package_with_a_dynamic_batch(tmp_path, monkeypatch):
+    """One AOTInductor build (about a minute): batch 8 example, called at batch 3; wrong channels raise."""
+    monkeypatch.chdir(tmp_path)
+    model, x = pooled(), torch.randn(8, 3, 6, 6)
+    folded = fxreparam.optimize(model, x)
+    runner, path = deploy.deploy(folded, "aot_inductor", (x,), {})
+    assert list(tmp_path.iterdir()) == [], "nothing may be written into the working directory"
+    assert path.exists() and tmp_path not in path.parents
+    y = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        assert close(runner(y), model(y)), "another batch size: the right result or an error, never a wrong size"
+        with pytest.raises(ShapeError, match=r"dim 1.*only 3"):
+            runner(torch.randn(3, 4, 6, 6))
+        again = fxreparam.load(path)  # the package, recognized as one, checks shapes from its own metadata
+        assert close(again(y), model(y))
+        with pytest.raises(ShapeError, match=r"dim 1.*only 3"):
+            again(torch.randn(3, 4, 6, 6))
+
+
+@pytest.mark.parametrize(("backend", "options", "known"), [
+    ("aot_inductor", {"pth": "m.pt2"}, r"known: path"),
+    ("tensorrt", {"precison": "fp16"}, r"known: precision, shapes, path"),
+    ("eager", {"path": "m.pt2"}, r"known: none"),
+    ("inductor", {"max_autotun": True}, r"Inductor config options"),
+])
+def test_unknown_backend_options_are_refused(backend, options, known):
+    folded = fxreparam.optimize(pooled(), torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"unknown backend_options .*" + known):
+        deploy.deploy(folded, backend, (torch.randn(2, 3, 6, 6),), options)
+
+
+def test_deploy_names_the_backends_and_refuses_an_unknown_one():
+    assert deploy.BACKENDS == (None, "eager", "inductor", "aot_inductor", "tensorrt")
+    assert deploy.INNER_COMPILERS == ("inductor", "eager", "tensorrt")
+    gm = torch.fx.symbolic_trace(nn.ReLU())
+    assert deploy.compile_with("eager", gm, [torch.randn(2)]) is gm
+    with pytest.raises(ValueError, match="unknown backend"):
+        deploy.deploy(gm, "tvm", None, {})
+
+
+def test_load_says_what_a_file_is_when_it_is_no_artifact(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(fxreparam.FxReparamError, match=r"cannot read .*a zip archive of neither kind"):
+        fxreparam.load(path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(fxreparam.FxReparamError, match="not a zip archive"):
+        fxreparam.load(tmp_path / "notes.txt")
