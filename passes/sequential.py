@@ -98,6 +98,8 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
                             cost.kernel_cost(weight, bias, _positions(outer)))
     if why is not None and not _absorbed(gm, outer.node, inner.input, tuple(weight.shape[2:]), spec):
+        if ops.conv(gm, outer.node) is None:
+            return False  # a conv then a plain pooling: no structure to fold, nothing to report
         raise NotExact(f"{where}: not composed: {why}", outer.node)
     emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage, name=outer.name,
          at=inner.node)

@@ -23,7 +23,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -154,7 +154,7 @@ def mismatch(reference, candidate, tol: float, dims: int) -> str | None:
     return None
 
 
-CLEAR_CALL_ERROR = re.compile(r"expected input|guard|specializ|captured|batch size", re.IGNORECASE)
+CLEAR_CALL_ERROR = re.compile(r"expected input at|guard|specializ|captured|example input|batch size", re.IGNORECASE)
 
 
 conv_params = st.fixed_dictionaries({
@@ -181,6 +181,10 @@ op_with_sources = st.tuples(op, st.integers(0, 7), st.integers(0, 7)).map(lambda
        dtype=st.sampled_from([torch.float32, torch.float64]), capture=st.sampled_from(["export", "symbolic_trace"]),
        seed=st.integers(0, 2**16), layout=st.sampled_from(["batch2"] * 4 + [k for k in LAYOUTS if k != "batch2"]),
        big_channel=st.sampled_from([False, False, True]))
+# Found by this fuzzer: a float64 model that writes into its input after relu read it was refused by verification
+# ("pass 'fold_constants' changed outputs") although nothing about it is inexact.
+@example(dims=1, ops=[("relu", {}, 0, 0), ("write", {"mode": "narrow_zero", "c": -2.0}, 0, 0)], dtype=torch.float64,
+         capture="export", seed=0, layout="batch2", big_channel=False)
 def test_random_models_fold_exactly_or_are_left_alone(dims, ops, dtype, capture, seed, layout, big_channel):
     torch.manual_seed(seed)
     batch, size = LAYOUTS[layout]

@@ -31,7 +31,7 @@ def test_no_batch_norm_left(name):
     rep = fxreparam.report(folded)
     assert rep.before.batch_norm > 0 and rep.after.batch_norm == 0
     assert rep.after.conv == rep.before.conv
-    assert rep.verification.error < 1e-5
+    assert rep.verification.ok  # per channel, within the model's own float32 rounding
     y = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(model(y), folded(y)) < 1e-5
