@@ -1,7 +1,7 @@
 """Capture and optimize time against depth, for DiracNet-style plain nets.
 
 Prints one row per capture path and depth: capture seconds, pass-pipeline seconds, the
-whole optimize call, and the verification on top (per output channel, against float64); all must grow linearly with depth.
+whole optimize call, and the verification on top (per channel, against float64); all must grow linearly with depth.
 
     python benchmarks/optimize_time.py [--depths 100 250 500 1000] [--width 0.125]
 """

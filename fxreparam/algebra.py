@@ -32,6 +32,7 @@ __all__ = [
     "scale_output_channels",
     "shift_through_kernel",
     "sum_kernels",
+    "undilate",
 ]
 
 Affine = tuple[torch.Tensor, torch.Tensor]
@@ -186,6 +187,18 @@ def coarsest_groups(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, in
             while rest % p == 0:  # no block structure at p: none at any power of p either
                 rest //= p
     return w, groups
+
+
+def undilate(weight: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
+    """The same conv at dilation 1: taps spread ``dilation`` apart, zeros between (REPARAM §10).
+
+    A ``k``-tap kernel at dilation ``d`` becomes ``d * (k - 1) + 1`` taps.
+    """
+    w = exact(weight)
+    size = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]
+    out = w.new_zeros(*w.shape[:2], *size)
+    out[(slice(None), slice(None), *[slice(None, None, d) for d in dilation])] = w
+    return out
 
 
 def sum_kernels(weights: Sequence[torch.Tensor]) -> torch.Tensor:

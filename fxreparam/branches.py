@@ -111,8 +111,13 @@ def as_branch(gm: fx.GraphModule, node: fx.Node, dims: int | None = None) -> Bra
         is_conv = ops.conv(gm, node) is not None
         bias = algebra.exact(layer.bias) if layer.bias is not None else None
         kind = "conv" if is_conv else "avg-pool"
-        return Branch(layer.input, layer.spec, algebra.exact(layer.weight), bias, layer.storage,
-                      f"{kind} '{layer.name}'", layer.name, is_conv)
+        source, spec = layer.input, layer.spec
+        cropped = ops.symmetric_crop(layer.input, spec.dims) if spec.padding_mode == "zeros" else None
+        if cropped is not None:  # REPARAM §10: a crop by c then padding p is padding p - c (negative: a crop)
+            source, crops = cropped
+            spec = replace(spec, padding=tuple(p - c for p, c in zip(spec.padding, crops)))
+        return Branch(source, spec, algebra.exact(layer.weight), bias, layer.storage, f"{kind} '{layer.name}'",
+                      layer.name, is_conv)
     affine = ops.channel_affine(gm, node)
     if affine is None:
         return None
@@ -183,8 +188,6 @@ def _why_incompatible(a: Branch, b: Branch) -> str | None:
     if a.spec.stride != b.spec.stride:
         return f"strides differ ({a.spec.stride} vs {b.spec.stride})"
     for d in range(len(a.kernel_size)):
-        if a.kernel_size[d] > 1 and b.kernel_size[d] > 1 and a.spec.dilation[d] != b.spec.dilation[d]:
-            return f"dilations differ ({a.spec.dilation} vs {b.spec.dilation})"
         if a.offset(d) != b.offset(d):
             return (f"their kernels do not share a center (padding {a.spec.padding} with kernel {a.kernel_size} vs "
                     f"padding {b.spec.padding} with kernel {b.kernel_size})")
@@ -198,8 +201,12 @@ def _why_incompatible(a: Branch, b: Branch) -> str | None:
 def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str]]]:
     """Sum as many branches as align with the largest into one kernel; the rest come back with reasons.
 
+    Branches of different dilations merge at dilation 1, each dilated kernel spread out with zeros between
+    its taps (REPARAM §10: UniRepLKNet's small dilated kernels summed into a large one).
     Returns ``(merged, refused)``; ``merged`` is ``None`` unless at least two branches merged.
     """
+    if len({_dilation(b) for b in branches}) > 1:
+        branches = [_undilated(b) for b in branches]
     ordered = sorted(branches, key=lambda b: -math.prod(b.kernel_size))
     taken: list[Branch] = [ordered[0]]
     refused: list[tuple[Branch, str]] = []
@@ -227,6 +234,19 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     name = _common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
     return Branch(big.input, spec, weight, bias, stored, label, name, any(t.from_conv for t in taken)), refused
+
+
+def _dilation(b: Branch) -> tuple[int, ...]:
+    """The dilation that matters: 1 along dims where the kernel has one tap."""
+    return tuple(d if k > 1 else 1 for d, k in zip(b.spec.dilation, b.kernel_size))
+
+
+def _undilated(b: Branch) -> Branch:
+    """``b`` as a conv at dilation 1 (same function, same kernel center)."""
+    if all(d == 1 for d in _dilation(b)):
+        return b
+    spec = replace(b.spec, dilation=(1,) * b.spec.dims)
+    return replace(b, spec=spec, weight=algebra.undilate(b.weight, _dilation(b)))
 
 
 def _common_path(paths: list[str]) -> str:
@@ -320,6 +340,10 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         why = cost.why_costlier([b.cost() for _, b in taken], merged.cost())
         if why is not None:
             ctx.refuse(root, f"{where}: merging {merged.label}: {why}")
+            continue
+        if min(merged.spec.padding) < 0:
+            ctx.refuse(root, f"{where}: merging {merged.label}: the merged conv would need padding "
+                             f"{merged.spec.padding} (its branches crop more than the largest pads)")
             continue
         merged_terms.update(i for i, _ in taken)
         first_read = min(source.users, key=position)  # where the branches first read it

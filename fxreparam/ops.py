@@ -41,10 +41,12 @@ __all__ = [
     "constant_pad",
     "conv",
     "flatten_start",
+    "inference_identity",
     "linear",
     "op_kind",
     "opaque",
     "sole_user",
+    "symmetric_crop",
     "weighted",
     "zero_keeping",
 ]
@@ -624,6 +626,57 @@ def flatten_start(gm: fx.GraphModule, node: fx.Node) -> int | None:
         return None
     a = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
     return int(a["start_dim"]) if a["end_dim"] == -1 else None
+
+
+_SLICE = {*_overloads("slice", "Tensor")}
+_TO_END = 2**63 - 1  # what ``x[a:]`` records as the end of a slice
+
+
+def symmetric_crop(node: fx.Node, spatial_dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``(source, crops)`` if ``node`` is ``source`` cropped by ``crops[i]`` pixels on both sides of spatial dim
+    ``i`` through a chain of unit-step slices (``x[:, :, 1:-1, :]``), else ``None``. Ends must count from the
+    end, so the crop is the same at every input size."""
+    crops = [0] * spatial_dims
+    seen = False
+    while node.op == "call_function" and node.target in _SLICE and not opaque(node):
+        a = _bind(node, ("input", "dim", "start", "end", "step"), {"dim": 0, "start": None, "end": None, "step": 1})
+        source, ndim = a["input"], rank(a["input"]) if isinstance(a["input"], fx.Node) else None
+        if ndim is None or a["step"] != 1 or not all(isinstance(v, int) or v is None for v in (a["start"], a["end"])):
+            return None
+        dim = a["dim"] % ndim
+        start, end = a["start"] or 0, _TO_END if a["end"] is None else a["end"]
+        first_spatial = ndim - spatial_dims
+        if dim < first_spatial:
+            if start != 0 or end < _TO_END:
+                return None  # a slice of batch or channels: not a crop
+        elif start > 0 and end == -start:
+            crops[dim - first_spatial] += start
+            seen = True
+        elif not (start == 0 and end >= _TO_END):
+            return None  # a crop of one side only, or one that depends on the input's size
+        node = source
+    return (node, tuple(crops)) if seen else None
+
+
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout,
+                      *_overloads("dropout", "default")}
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def inference_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of ``node`` if ``node`` is the identity at inference (dropout in eval, ``nn.Identity``), else None."""
+    if opaque(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module":
+        mod = _standard_module(gm, node, (*_DROPOUT_MODULES, nn.Identity))
+        return node.args[0] if mod is not None and not mod.training and len(node.args) == 1 else None
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+        if node.target in (torch.dropout, *_overloads("dropout", "default")):
+            a = _bind(node, ("input", "p", "train"), {})
+            a["training"] = a.get("train", True)
+        return node.args[0] if a.get("training") is False else None
+    return None
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -23,6 +23,7 @@ from .registry import Pass, PassContext, PassError, Refusal
 __all__ = ["BUILTIN_ORDER", "MAX_ROUNDS", "PassLog", "PassStat", "ordered", "replay", "run_passes"]
 
 BUILTIN_ORDER: tuple[str, ...] = (
+    "inference_identities",  # dropout in eval, nn.Identity -> gone
     "fold_constants",       # parameter-only subgraphs (Dirac, weight norm, parametrize) -> stored weights
     "conv_bn",              # per-channel affine after a conv or linear layer -> into its kernel
     "bn_conv",              # per-channel affine before a conv or linear layer -> into its kernel, where exact

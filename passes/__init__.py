@@ -8,10 +8,21 @@ from . import (
     conv_bn,
     fold_constants,
     identity,
+    inference_identities,
     pool_as_conv,
     prune_zero_channels,
     sequential,
 )
 
-__all__ = ["bn_conv", "branch_sum", "cleanup", "conv_bn", "fold_constants", "identity", "pool_as_conv",
-           "prune_zero_channels", "sequential"]
+__all__ = [
+    "bn_conv",
+    "branch_sum",
+    "cleanup",
+    "conv_bn",
+    "fold_constants",
+    "identity",
+    "inference_identities",
+    "pool_as_conv",
+    "prune_zero_channels",
+    "sequential",
+]

@@ -182,3 +182,11 @@ def test_coarsest_groups_finds_the_block_structure(groups, structure):
 def test_coarsest_groups_keeps_a_dense_kernel_dense():
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
     assert algebra.coarsest_groups(w, 1)[1] == 1
+
+
+def test_undilate_is_the_same_conv():
+    x = torch.randn(1, 2, 11, 11, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 2, dtype=torch.float64)
+    wide = algebra.undilate(w, (2, 3))
+    assert wide.shape[2:] == (5, 4)
+    assert close(F.conv2d(x, wide, padding=(2, 1)), F.conv2d(x, w, padding=(2, 1), dilation=(2, 3)))

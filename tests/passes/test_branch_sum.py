@@ -49,3 +49,47 @@ def test_unbatched_conv1d_branches_merge():
     model = Branches(nn.Conv1d(3, 3, 3, padding=1), nn.Conv1d(3, 3, 1))
     run = run_pass("branch_sum", model, torch.randn(3, 7))
     assert (run.rewrites, run.error < 1e-6) == (1, True)
+
+
+def test_dilated_branches_merge_into_the_large_kernel():
+    """REPARAM §10 (UniRepLKNet): 7x7 + 3x3 at dilation 2 (5x5 wide) + 3x3 at dilation 3 (7x7 wide), centers
+    aligned, are one 7x7 conv that costs no more than the 7x7 alone."""
+    model = Branches(nn.Conv2d(4, 4, 7, padding=3, groups=4), nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4),
+                     nn.Conv2d(4, 4, 3, padding=3, dilation=3, groups=4))
+    run = run_pass("branch_sum", model, torch.randn(1, 4, 12, 12))
+    (conv,) = run.layers(nn.Conv2d)
+    assert (conv.kernel_size, conv.dilation, conv.groups, run.error < 1e-6) == ((7, 7), (1, 1), 4, True)
+
+
+def test_dilated_branch_wider_than_the_others_is_refused_as_costlier():
+    model = Branches(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=3, dilation=3))
+    run = run_pass("branch_sum", model, torch.randn(1, 4, 9, 9))
+    assert run.rewrites == 0 and "weights" in run.reasons
+
+
+class _CroppedACNet(nn.Module):
+    """ACNet with padding < k // 2: the 1xK and Kx1 branches read a cropped input (REPARAM §10)."""
+
+    def __init__(self, padding: int):
+        super().__init__()
+        self.square = nn.Conv2d(4, 4, 3, padding=padding)
+        self.hor = nn.Conv2d(4, 4, (1, 3), padding=(0, padding))
+        self.ver = nn.Conv2d(4, 4, (3, 1), padding=(padding, 0))
+        self.crop = 1 - padding
+
+    def forward(self, x):
+        c = self.crop
+        if c == 0:
+            return self.square(x) + self.hor(x) + self.ver(x)
+        return self.square(x) + self.hor(x[:, :, c:-c, :]) + self.ver(x[:, :, :, c:-c])
+
+
+def test_acnet_with_cropped_branches_merges_after_export():
+    import fxreparam
+
+    model = _CroppedACNet(padding=0).eval()
+    x = torch.randn(2, 4, 9, 9)
+    folded = fxreparam.optimize(model, x, passes=["branch_sum", "cleanup"])
+    rep = fxreparam.report(folded)
+    assert (rep.after.conv, rep.after.add_sub, rep.verification.ok) == (1, 0, True)
+    assert [m.padding for m in folded.modules() if isinstance(m, nn.Conv2d)] == [(0, 0)]

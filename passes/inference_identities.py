@@ -1,0 +1,24 @@
+"""``inference_identities``: ops that are the identity at inference (dropout in eval mode, ``nn.Identity``) removed.
+
+A dropout between a conv and a layer-scale multiply, or between a BatchNorm1d and a Linear, is
+the identity in eval mode but blocks every fold across it. ``torch.export`` drops it already;
+graphs from ``symbolic_trace`` keep the call, and this pass removes it.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fxreparam import ops
+from fxreparam.graph import replace
+from fxreparam.registry import PassContext, register_pass
+
+
+@register_pass("inference_identities", "remove ops that are the identity at inference (dropout in eval, "
+                                       "nn.Identity)")
+def inference_identities(ctx: PassContext, node: fx.Node) -> bool:
+    source = ops.inference_identity(ctx.gm, node)
+    if source is None:
+        return False
+    replace(node, source)
+    return True
