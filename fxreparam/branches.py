@@ -25,7 +25,8 @@ from .meta import Storage, concrete_shape, module_path, rank, storage
 from .registry import PassContext
 from .spec import ConvSpec, Layer
 
-__all__ = ["Branch", "as_branch", "fold_sum", "identity_branch", "merge", "pool_as_conv", "sum_root", "sum_terms"]
+__all__ = ["Branch", "as_branch", "fold_sum", "identity_branch", "merge", "pool_as_conv", "stack", "sum_root",
+           "sum_terms"]
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,12 @@ def sum_terms(root: fx.Node) -> list[tuple[Any, float]]:
 # ----------------------------------------------------------------------------- merging
 
 
-def _why_incompatible(a: Branch, b: Branch) -> str | None:
-    """Why ``b`` cannot be summed into the same kernel as ``a`` (REPARAM §3), or ``None``."""
+def _why_incompatible(a: Branch, b: Branch, *, same_outputs: bool = True) -> str | None:
+    """Why ``b`` cannot share one kernel with ``a`` (summed, REPARAM §3; or stacked on output channels with
+    ``same_outputs=False``, REPARAM §10), or ``None``."""
     if len(a.kernel_size) != len(b.kernel_size):
         return "they have different spatial ranks"
-    if (a.out_channels, a.in_channels) != (b.out_channels, b.in_channels):
+    if a.in_channels != b.in_channels or (same_outputs and a.out_channels != b.out_channels):
         return f"channels differ ({a.in_channels}->{a.out_channels} vs {b.in_channels}->{b.out_channels})"
     if a.spec.stride != b.spec.stride:
         return f"strides differ ({a.spec.stride} vs {b.spec.stride})"
@@ -234,6 +236,30 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     name = _common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
     return Branch(big.input, spec, weight, bias, stored, label, name, any(t.from_conv for t in taken)), refused
+
+
+def stack(parts: list[Branch]) -> tuple[Branch | None, str | None]:
+    """The one conv whose output channels are ``parts``' stacked in order (DBB's concatenation, REPARAM §10):
+    kernels center-padded to the largest; or why the parts cannot share one conv."""
+    if len({_dilation(b) for b in parts}) > 1:
+        parts = [_undilated(b) for b in parts]
+    if any(b.spec.groups != 1 for b in parts):
+        return None, "grouped convs do not stack into one conv's groups"
+    big = max(parts, key=lambda b: math.prod(b.kernel_size))
+    why = next((w for b in parts if (w := _why_incompatible(big, b, same_outputs=False))), None)
+    if why is not None:
+        return None, why
+    dims = range(len(big.kernel_size))
+    kernel = tuple(max(b.kernel_size[d] for b in parts) for d in dims)
+    dilation = tuple(next((b.spec.dilation[d] for b in parts if b.kernel_size[d] > 1), 1) for d in dims)
+    padding = tuple((big.offset(d) + dilation[d] * (kernel[d] - 1)) // 2 for d in dims)
+    weight = torch.cat([algebra.center_pad(b.weight, kernel) for b in parts])
+    bias = None if all(b.bias is None for b in parts) else torch.cat(
+        [b.bias if b.bias is not None else b.weight.new_zeros(b.out_channels) for b in parts])
+    mode = next((b.spec.padding_mode for b in parts if any(b.spec.padding)), "zeros")
+    spec = ConvSpec(big.spec.stride, padding, dilation, 1, padding_mode=mode)
+    name = _common_path([b.name for b in parts]) or big.name
+    return Branch(big.input, spec, weight, bias, big.storage, " | ".join(b.label for b in parts), name, True), None
 
 
 def _dilation(b: Branch) -> tuple[int, ...]:
@@ -299,6 +325,23 @@ def _read_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]], with_identit
     return groups, blocked
 
 
+def _linear_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]]) -> dict[fx.Node, list[tuple[int, Layer, float]]]:
+    """The terms that are linear layers read by nothing else, grouped by the tensor they read."""
+    groups: dict[fx.Node, list[tuple[int, Layer, float]]] = {}
+    for i, (term, coef) in enumerate(terms):
+        layer = ops.linear(gm, term) if isinstance(term, fx.Node) and len(term.users) == 1 else None
+        if layer is not None:
+            groups.setdefault(layer.input, []).append((i, layer, coef))
+    return groups
+
+
+def _sum_linears(members: list[tuple[int, Layer, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel and bias of ``sum(coef * linear(x))``: the scaled weights and biases added."""
+    weight = algebra.sum_kernels([algebra.exact(layer.weight) * coef for _, layer, coef in members])
+    biases = [algebra.exact(layer.bias) * coef for _, layer, coef in members if layer.bias is not None]
+    return weight, algebra.sum_kernels(biases) if biases else None
+
+
 def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node) -> fx.Node:
     """``sum(coef * term)`` as add/sub/mul nodes placed before ``before``; the first part has coef 1."""
     with graph.inserting_before(before):
@@ -350,6 +393,15 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         before = first_read if position(first_read) < position(root) else root
         new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
                                        storage=merged.storage, name=merged.name), 1.0))
+    for source, members in ([] if with_identity else _linear_terms(ctx.gm, terms).items()):
+        if len(members) < 2 or ops.opaque(source):
+            continue
+        weight, bias = _sum_linears(members)
+        first = min((layer.node for _, layer, _ in members), key=position)
+        name = _common_path([layer.name for _, layer, _ in members]) or members[0][1].name
+        new_parts.append((insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,
+                                       storage=members[0][1].storage, name=name), 1.0))
+        merged_terms.update(i for i, _, _ in members)
     if not new_parts:
         return False
     parts = new_parts + [t for i, t in enumerate(terms) if i not in merged_terms]

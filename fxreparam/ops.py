@@ -37,6 +37,7 @@ __all__ = [
     "batch_norm",
     "binary",
     "channel_affine",
+    "concat",
     "constant",
     "constant_pad",
     "conv",
@@ -626,6 +627,17 @@ def flatten_start(gm: fx.GraphModule, node: fx.Node) -> int | None:
         return None
     a = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
     return int(a["start_dim"]) if a["end_dim"] == -1 else None
+
+
+_CAT = {torch.cat, torch.concat, *_overloads("cat", "default")}
+
+
+def concat(node: fx.Node) -> tuple[list[Any], int] | None:
+    """``(tensors, dim)`` of a concatenation ``torch.cat(tensors, dim)``, else ``None``."""
+    if node.op != "call_function" or node.target not in _CAT or opaque(node):
+        return None
+    a = _bind(node, ("tensors", "dim"), {"dim": 0})
+    return (list(a["tensors"]), int(a["dim"])) if isinstance(a["tensors"], (list, tuple)) else None
 
 
 _SLICE = {*_overloads("slice", "Tensor")}

@@ -31,6 +31,7 @@ BUILTIN_ORDER: tuple[str, ...] = (
     "sequential",           # 1x1-kxk, kxk-1x1, linear-linear pairs -> one layer
     "branch_sum",           # summed conv / BN / pool branches of one input -> one conv
     "identity",             # x + f(x) -> f's conv with a Dirac kernel added
+    "concat_convs",         # convs of one input concatenated on channels -> one conv
     "prune_zero_channels",  # all-zero output channels -> removed with the inputs that read them
     "cleanup",              # dead nodes and unread tensors -> gone
 )

@@ -127,7 +127,7 @@ def test_registry_lists_passes_in_order_with_descriptions():
     passes = fxreparam.list_passes()
     names = [p.name for p in passes]
     assert names == list(fxreparam.BUILTIN_ORDER)
-    assert names[:2] == ["fold_constants", "conv_bn"] and names[-1] == "cleanup"
+    assert names[:3] == ["inference_identities", "fold_constants", "conv_bn"] and names[-1] == "cleanup"
     assert [p.name for p in fxreparam.registry.resolve(["dirac", "avgpool"])] == ["fold_constants", "pool_as_conv"]
     assert [p.name for p in fxreparam.registry.resolve("linear_bn")] == ["conv_bn", "bn_conv"]
     assert all(p.description for p in passes)

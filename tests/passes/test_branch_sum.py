@@ -93,3 +93,17 @@ def test_acnet_with_cropped_branches_merges_after_export():
     rep = fxreparam.report(folded)
     assert (rep.after.conv, rep.after.add_sub, rep.verification.ok) == (1, 0, True)
     assert [m.padding for m in folded.modules() if isinstance(m, nn.Conv2d)] == [(0, 0)]
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.head_dist = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_summed_linear_heads_become_one_linear():
+    run = run_pass("branch_sum", _TwoHeads(), torch.randn(4, 8))
+    assert (run.rewrites, run.count("linear"), run.count("add_sub"), run.error < 1e-6) == (1, 1, 0, True)

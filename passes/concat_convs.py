@@ -1,0 +1,43 @@
+"""``concat_convs``: convs of one input concatenated on the channel axis, as one conv (REPARAM §10, DBB's transIV).
+
+``cat([conv_1(x), ..., conv_n(x)], channels)`` with equal strides and aligned centers is one conv
+whose output channels are the stacked kernels, each center-padded to the largest. A BN or affine
+on a branch folds first (it is per branch). Stacking kernels of different sizes pads the small
+ones with zeros: where that costs more than the convs it replaces, the fold is refused.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fxreparam import branches, cost, ops
+from fxreparam.graph import emit, position
+from fxreparam.meta import rank
+from fxreparam.registry import NotExact, PassContext, register_pass
+
+
+@register_pass("concat_convs", "convs of one input concatenated on channels, as one conv (DBB's concatenation)")
+def concat_convs(ctx: PassContext, node: fx.Node) -> bool:
+    cat = ops.concat(node)
+    if cat is None or len(cat[0]) < 2 or not all(isinstance(t, fx.Node) and len(t.users) == 1 for t in cat[0]):
+        return False
+    parts = [branches.as_branch(ctx.gm, t) for t in cat[0]]
+    if any(p is None or not p.from_conv for p in parts) or len({p.input for p in parts}) != 1:
+        return False  # not convs, or convs of different tensors (an Inception block's towers): nothing to stack
+    ndim = rank(node)
+    if ndim is None or cat[1] % ndim != parts[0].spec.channel_dim(ndim):
+        return False
+    where = f"{ctx.label(node, 'concatenation')} of {len(parts)} convs"
+    merged, why = branches.stack(parts)
+    if merged is None:
+        raise NotExact(f"{where}: {why}")
+    if min(merged.spec.padding) < 0:
+        raise NotExact(f"{where}: the stacked conv would need padding {merged.spec.padding}")
+    why = cost.why_costlier([p.cost() for p in parts], merged.cost())
+    if why is not None:
+        raise NotExact(f"{where}: {why}")
+    source = merged.input
+    first_read = min(source.users, key=position)
+    emit(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, replaces=node, storage=merged.storage,
+         name=merged.name, at=first_read if position(first_read) < position(node) else node)
+    return True
