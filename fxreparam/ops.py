@@ -43,6 +43,7 @@ __all__ = [
     "conv",
     "flatten_start",
     "inference_identity",
+    "last_axis_reshape",
     "linear",
     "op_kind",
     "opaque",
@@ -689,6 +690,21 @@ def inference_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
             a["training"] = a.get("train", True)
         return node.args[0] if a.get("training") is False else None
     return None
+
+
+def last_axis_reshape(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of ``node`` if ``node`` only regroups the leading dims and keeps the last axis whole
+    (``linear(x).flatten(0, 1)``: ``[B, N, C] -> [B*N, C]``), so per-channel maps on either side are one map."""
+    if opaque(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    reshapes = _RESHAPE_FUNCTIONS | _FLATTEN
+    if not ((node.op == "call_function" and node.target in reshapes)
+            or (node.op == "call_method" and node.target in ("view", "reshape", "flatten"))):
+        return None
+    before, after = concrete_shape(node.args[0]), concrete_shape(node)
+    if before is None or after is None or len(before) < 2 or len(after) < 2 or before[-1] != after[-1]:
+        return None
+    return node.args[0] if math.prod(before) == math.prod(after) else None
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:

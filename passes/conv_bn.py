@@ -3,7 +3,9 @@
 ``scale * layer(x) + shift`` is ``layer`` with each output channel's kernel scaled and its bias
 mapped (REPARAM §1, §8): exact always, as long as nothing else reads the layer's output. The
 channel axis comes from the tensor's rank (dim 1 batched, dim 0 unbatched, the last for linear
-layers); a BatchNorm normalizes dim 1 and so folds only where that is the channel axis.
+layers); a BatchNorm normalizes dim 1 and so folds only where that is the channel axis. A linear
+layer is also seen through a reshape that keeps its feature axis whole (LeViT's
+``bn(linear(x).flatten(0, 1)).reshape_as(x)``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from torch import fx
 
 from fxreparam import algebra, ops
-from fxreparam.graph import emit
+from fxreparam.graph import emit, replace
 from fxreparam.meta import rank
 from fxreparam.registry import NotExact, PassContext, register_pass
 
@@ -29,7 +31,11 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     affine = ops.channel_affine(ctx.gm, node)
     if affine is None:
         return False
-    layer = ops.weighted(ctx.gm, affine.input)
+    layer, reshape = ops.weighted(ctx.gm, affine.input), None
+    if layer is None and len(affine.input.users) == 1:  # a linear layer seen through [B, N, C] -> [B*N, C]
+        inner = ops.last_axis_reshape(ctx.gm, affine.input)
+        layer = ops.linear(ctx.gm, inner) if inner is not None else None
+        reshape = affine.input if layer is not None else None
     if layer is None:
         if bn is not None:
             raise NotExact(f"{ctx.label(node, 'bn')} follows {affine.input.name}, not a conv or linear layer")
@@ -37,7 +43,7 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     where = f"{ctx.label(node, _kind(affine))} after {ctx.label(layer.node, layer.kind)}"
     if len(layer.node.users) != 1:
         raise NotExact(f"{where}: its output has another consumer")
-    ndim = rank(layer.node) or (layer.spec.dims + 2 if layer.is_conv else None)
+    ndim = rank(affine.input) or (layer.spec.dims + 2 if layer.is_conv else None)
     if ndim is None:
         raise NotExact(f"{where}: the rank of its output is unknown (pass example inputs)")
     vectors = affine.vectors(layer.out_channels, ndim, layer.spec.channel_dim(ndim), layer.weight.dtype)
@@ -45,6 +51,11 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
         raise NotExact(f"{where}: {vectors}")
     weight, bias = algebra.affine_after(layer.weight, layer.bias, vectors, groups=layer.groups,
                                         transposed=layer.transposed)
-    emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage, name=layer.name,
-         at=layer.node)
+    if reshape is None:
+        emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
+             name=layer.name, at=layer.node)
+        return True
+    emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=layer.node, storage=layer.storage,
+         name=layer.name)
+    replace(node, reshape)  # the affine is in the layer now; the reshape reads the new layer
     return True

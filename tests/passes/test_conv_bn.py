@@ -71,3 +71,19 @@ def test_shared_conv_output_is_refused():
 
     run = run_pass("conv_bn", Shared(), torch.randn(1, 2, 5, 5))
     assert run.rewrites == 0 and "another consumer" in run.reasons
+
+
+class _LinearBN(nn.Module):
+    """LeViT's Linear-BN: the BN normalizes the features of every token, reached through a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).flatten(0, 1)).reshape(x.shape[0], x.shape[1], 4)
+
+
+def test_bn_reached_through_a_reshape_that_keeps_the_features_folds():
+    run = run_pass("conv_bn", _LinearBN(), torch.randn(2, 5, 6))
+    assert (run.rewrites, run.count("batch_norm"), run.error < 1e-6) == (1, 0, True)
