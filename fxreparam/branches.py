@@ -302,9 +302,9 @@ def _read_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]], with_identit
         if not isinstance(term, fx.Node):
             continue  # a constant term stays as it is
         branch = as_branch(gm, term)
-        if branch is not None and len(term.users) > 1:
+        if branch is not None and len(term.users) > 1:  # read elsewhere too: it can only be an identity term
             blocked.setdefault(branch.input, []).append(f"{branch.label}: its output has another consumer")
-            continue
+            branch = None
         if branch is None:
             pending.append((i, term, coef))
         else:

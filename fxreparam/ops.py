@@ -47,8 +47,10 @@ __all__ = [
     "linear",
     "op_kind",
     "opaque",
+    "shape_query",
     "sole_user",
     "symmetric_crop",
+    "value_users",
     "weighted",
     "zero_keeping",
 ]
@@ -281,6 +283,37 @@ def _bn(node, input, weight, bias, mean, var, training, eps) -> BatchNorm:
         affine = None
         why = "its scale or shift is not finite (a zero variance with eps=0?): a fold would turn inf into nan"
     return BatchNorm(node, input, affine, why, float(eps), weight, bias, mean, var, module_path(node))
+
+
+_SHAPE_QUERIES = {*_overloads("sym_size", "int", "default"), *_overloads("sym_numel", "default"),
+                  *_overloads("sym_stride", "int", "default"), *_overloads("size", "default", "int")}
+
+
+def shape_query(node: fx.Node) -> bool:
+    """Whether ``node`` reads only the shape of its input (``x.size(0)``, ``aten.sym_size``), not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and (node.target in _SHAPE_QUERIES or (
+        node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim")))
+
+
+_AS_SHAPE_OF = {*_overloads("reshape_as", "default"), *_overloads("view_as", "default"),
+                *_overloads("expand_as", "default")}
+
+
+def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads only ``node``'s shape: a shape query, or the template of ``y.reshape_as(node)``."""
+    if shape_query(user):
+        return True
+    as_shape = (user.op == "call_function" and user.target in _AS_SHAPE_OF) or (
+        user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"))
+    return as_shape and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The ops that read ``node``'s values (shape queries and ``reshape_as`` templates left out: any tensor of
+    the same shape serves them)."""
+    return [u for u in node.users if not _reads_shape_only(u, node)]
 
 
 def sole_user(node: fx.Node) -> fx.Node | None:

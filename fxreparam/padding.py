@@ -98,6 +98,8 @@ def padded_by_value(gm: fx.GraphModule, node: fx.Node, reader: fx.Node) -> Borde
     shape = concrete_shape(pad.input)
     if shape is None or len(shape) < 3 or len(pad.pads) != 2 * (len(shape) - 2) or any(p < 0 for p in pad.pads):
         return None
+    if 0 in shape:
+        shape = tuple(s or 1 for s in shape)  # an empty example: probe one element per empty dim
     dtype = torch.float64  # probes hold distinct integers exactly whatever the model's dtype
     zeros = torch.zeros(shape, dtype=dtype)
     probe = torch.randperm(zeros.numel()).reshape(shape).to(dtype) + 1  # distinct, nonzero values

@@ -26,8 +26,8 @@ K = 16
 folded kernels are rounded once to the model's dtype and sum their terms in another order, which costs a few times
 the original's error; a wrong fold is off by orders of magnitude more."""
 
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-"""Relative error per channel always allowed for an output of each dtype (~80 ulps of float32): where the original
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+"""Relative error per channel always allowed for an output of each dtype (~800 ulps of float32): where the original
 happens to compute a channel exactly (an identity branch), its own error says nothing about the fold's rounding."""
 
 _OTHER_FLOOR = 1e-1  # float8 and other floating dtypes
@@ -183,6 +183,12 @@ def trial_inputs(args: tuple, kwargs: dict, dynamic: Dynamic | None = None, seed
 
 def _floor(dtype: torch.dtype) -> float:
     return FLOOR.get(dtype, _OTHER_FLOOR)
+
+
+def _copies(tree: Any) -> Any:
+    """Fresh copies of the tensors in ``tree``: a model that writes into its inputs must not change what the
+    next run (the reference, the float64 reference, the candidate) reads."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _float64(x: Any) -> Any:
@@ -354,7 +360,7 @@ class Reference:
         with torch.no_grad():
             for i, (a, k) in enumerate(list(self.sets)):
                 try:
-                    self.outputs.append(original(*a, **k))
+                    self.outputs.append(original(*_copies(a), **_copies(k)))
                 except Exception as err:
                     if i == 0:
                         raise
@@ -367,7 +373,8 @@ class Reference:
                 return
             try:
                 for a, k in self.sets:
-                    self.outputs64.append(original64(*pytree.tree_map(_float64, a), **pytree.tree_map(_float64, k)))
+                    self.outputs64.append(original64(*_copies(pytree.tree_map(_float64, a)),
+                                                     **_copies(pytree.tree_map(_float64, k))))
                 if any(pytree.tree_structure(x) != pytree.tree_structure(y)
                        for x, y in zip(self.outputs, self.outputs64)):
                     raise TypeError("its outputs have another structure in float64")
@@ -388,7 +395,7 @@ class Reference:
         for (a, k), orig, ref, speculative in zip(self.sets, self.outputs, self.outputs64, self.speculative):
             try:
                 with torch.no_grad():
-                    out = candidate(*a, **k)
+                    out = candidate(*_copies(a), **_copies(k))
             except Exception as err:
                 first = str(err).splitlines()[0][:200] if str(err) else ""
                 if speculative:

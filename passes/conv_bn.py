@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import fx
 
 from fxreparam import algebra, ops
-from fxreparam.graph import emit, replace
+from fxreparam.graph import emit, erase_dead, replace
 from fxreparam.meta import rank
 from fxreparam.registry import NotExact, PassContext, register_pass
 
@@ -32,7 +32,7 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     if affine is None:
         return False
     layer, reshape = ops.weighted(ctx.gm, affine.input), None
-    if layer is None and len(affine.input.users) == 1:  # a linear layer seen through [B, N, C] -> [B*N, C]
+    if layer is None and len(ops.value_users(affine.input)) == 1:  # a linear layer seen through [B, N, C] -> [B*N, C]
         inner = ops.last_axis_reshape(ctx.gm, affine.input)
         layer = ops.linear(ctx.gm, inner) if inner is not None else None
         reshape = affine.input if layer is not None else None
@@ -41,7 +41,7 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
             raise NotExact(f"{ctx.label(node, 'bn')} follows {affine.input.name}, not a conv or linear layer")
         return False
     where = f"{ctx.label(node, _kind(affine))} after {ctx.label(layer.node, layer.kind)}"
-    if len(layer.node.users) != 1:
+    if len(ops.value_users(layer.node)) != 1:
         raise NotExact(f"{where}: its output has another consumer")
     ndim = rank(affine.input) or (layer.spec.dims + 2 if layer.is_conv else None)
     if ndim is None:
@@ -52,8 +52,11 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     weight, bias = algebra.affine_after(layer.weight, layer.bias, vectors, groups=layer.groups,
                                         transposed=layer.transposed)
     if reshape is None:
-        emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
-             name=layer.name, at=layer.node)
+        new = emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
+                   name=layer.name, at=layer.node)
+        if layer.node.users:  # shape queries alone: the new layer's output has the same shape
+            layer.node.replace_all_uses_with(new)
+            erase_dead(layer.node)
         return True
     emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=layer.node, storage=layer.storage,
          name=layer.name)

@@ -460,6 +460,28 @@ def test_verification_never_passes_on_a_zero_size_example():
     assert run(folded, (empty,)).shape == (0, 4, 6, 6)
 
 
+class PaddedBetweenConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x), [1, 1, 1, 1], value=0.5))
+
+
+@VERIFY
+@pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
+def test_verification_zero_size_example_crashes_no_pass(capture, verify):
+    model = PaddedBetweenConvs().eval()
+    try:
+        folded = fxreparam.optimize(model, torch.randn(0, 4, 6, 6), capture=capture, verify=verify)
+    except fxreparam.FxReparamError as err:  # a clear refusal, not a pass that crashed on an empty tensor
+        assert "crashed" not in str(err), err
+        return
+    x = torch.randn(2, 4, 6, 6)
+    exact_or_clear_error(model, folded, (x,))
+
+
 @pytest.mark.slow
 def test_verification_accepts_an_exact_fold_of_timm_repvgg_d2se():
     timm = pytest.importorskip("timm")
