@@ -150,8 +150,8 @@ def test_report_prints_tables_with_counts_refusals_and_error():
                           nn.Conv2d(4, 4, 3, padding=1))
     folded = fold(model, torch.randn(2, 3, 8, 8))
     text = str(fxreparam.report(folded))
-    for needle in ("pass", "rewrites", "conv_bn", "ops", "before", "after", "batch_norm", "stored elements", "MACs per sample",
-                   "refused (", "track_running_stats=False", "verification: ok", "relative error"):
+    for needle in ("pass", "rewrites", "conv_bn", "ops", "before", "after", "batch_norm", "stored elements",
+                   "MACs per sample", "refused (", "track_running_stats=False", "verification: ok", "relative error"):
         assert needle in text, needle
 
 
