@@ -392,18 +392,25 @@ def _same_outputs(a: Any, b: Any) -> bool:
     return True
 
 
+DYNAMIC_DIMS = "batch"
+"""Which input dims capture keeps dynamic: the batch. ``"all"`` (spatial sizes too, where the model allows)
+works but costs: exporting mobileone_s0 took 21.7 s against 7.9 s with the batch alone (7.1 s static), since
+export then reasons about every spatial size symbolically. Spatial sizes stay guarded: another size raises
+:class:`ShapeError` naming the dim and the captured size."""
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str] | None = None) -> Any:
-    """``torch.export`` (non-strict) of ``model`` with every dim it does not pin dynamic.
+    """``torch.export`` (non-strict) of ``model`` with the :data:`DYNAMIC_DIMS` it does not pin dynamic.
 
     A batch-1 example is exported as a batch of 2 copies (export would pin a size-1 dim) where the
-    result then computes the model's output on the example itself. Where dynamic dims fail, the
-    batch dim alone, then static shapes; the error of the static attempt (concrete sizes) is raised.
+    result then computes the model's output on the example itself. Where dynamic dims fail, static
+    shapes; the error of the static attempt (concrete sizes) is raised.
     """
     notes = notes if notes is not None else []
     doubled = _batch_of_two(args, kwargs)
     if doubled is not None and _auto() is not None:
         try:
-            program = _export_program(model, *doubled, "all")
+            program = _export_program(model, *doubled, DYNAMIC_DIMS)
             with torch.no_grad():
                 same = _same_outputs(model(*args, **kwargs), program.module()(*args, **kwargs))
             if same:
@@ -412,18 +419,12 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]
             notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
         except Exception:  # the model pins its batch size, or needs the example's: capture it as given
             pass
-    static = None
-    for dims in (["all", None, "batch"] if _auto() is not None else [None]):
+    if _auto() is not None:
         try:
-            program = _export_program(model, args, kwargs, dims)
-        except Exception:
-            if dims is None:  # static export fails too: raise its error (concrete sizes, no symbols)
-                raise
-            continue
-        if dims is not None:
-            return program
-        static = program
-    return static
+            return _export_program(model, args, kwargs, DYNAMIC_DIMS)
+        except Exception:  # the model pins its dynamic dims: capture it static
+            pass
+    return _export_program(model, args, kwargs, None)  # its error, if any, has concrete sizes
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
