@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("acnet.py", ["--size", "16"]),
     ("dbb.py", ["--size", "32"]),
     ("resrep.py", ["--size", "16"]),
-    ("mobileone.py", ["--size", "64"]),
+    pytest.param("mobileone.py", ["--size", "64"], marks=pytest.mark.slow),  # tests/test_timm.py covers the model
 ])
 def test_example_runs_and_verifies(script, args):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,

@@ -17,7 +17,8 @@ timm = pytest.importorskip("timm", reason="timm is a test dependency: pip instal
 from timm.utils.model import reparameterize_model  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1", "mobileone_s0", "mobileone_s2"])
+@pytest.mark.parametrize("name", ["repvgg_a0", pytest.param("repvgg_b1", marks=pytest.mark.slow), "mobileone_s0",
+                                  pytest.param("mobileone_s2", marks=pytest.mark.slow)])
 def test_folds_at_least_as_far_as_timms_reparameterize(name):
     torch.manual_seed(0)
     model = randomize_batch_norms(timm.create_model(name, pretrained=False)).eval()
