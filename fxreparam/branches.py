@@ -207,8 +207,10 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     its taps (REPARAM §10: UniRepLKNet's small dilated kernels summed into a large one).
     Returns ``(merged, refused)``; ``merged`` is ``None`` unless at least two branches merged.
     """
+    given = branches
     if len({_dilation(b) for b in branches}) > 1:
         branches = [_undilated(b) for b in branches]
+    original = {id(b): g for b, g in zip(branches, given)}  # refusals name the caller's own branches
     ordered = sorted(branches, key=lambda b: -math.prod(b.kernel_size))
     taken: list[Branch] = [ordered[0]]
     refused: list[tuple[Branch, str]] = []
@@ -217,7 +219,7 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
         if why is None:
             taken.append(b)
         else:
-            refused.append((b, why))
+            refused.append((original[id(b)], why))
     if len(taken) < 2:
         return None, refused
     big = taken[0]

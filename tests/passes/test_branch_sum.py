@@ -107,3 +107,12 @@ class _TwoHeads(nn.Module):
 def test_summed_linear_heads_become_one_linear():
     run = run_pass("branch_sum", _TwoHeads(), torch.randn(4, 8))
     assert (run.rewrites, run.count("linear"), run.count("add_sub"), run.error < 1e-6) == (1, 1, 0, True)
+
+
+def test_a_dilated_branch_refused_for_its_padding_mode_stays_in_the_sum():
+    """Found by the property test: a branch refused after being spread to dilation 1 must keep its term."""
+    model = Branches(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 5, padding=2, padding_mode="reflect"),
+                     nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2))
+    run = run_pass("branch_sum", model, torch.randn(1, 4, 9, 9))
+    assert (run.rewrites, run.count("conv"), run.error < 1e-6) == (1, 2, True)
+    assert "padding modes differ" in run.reasons
