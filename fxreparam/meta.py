@@ -15,7 +15,6 @@ from torch import fx, nn
 
 __all__ = [
     "Storage",
-    "channel_dim",
     "clean_path",
     "concrete_shape",
     "fetch_attr",
@@ -52,14 +51,6 @@ def rank(node: fx.Node) -> int | None:
     """The number of dims of a node's tensor value, where capture recorded it."""
     shape = getattr(_meta_tensor(node), "shape", None)
     return len(shape) if shape is not None else None
-
-
-def channel_dim(ndim: int, spatial_dims: int) -> int:
-    """The channel axis of a conv's ``ndim``-d input or output with ``spatial_dims`` spatial dims.
-
-    Batched tensors are ``[N, C, *spatial]`` (channels on dim 1); unbatched ones ``[C, *spatial]``.
-    """
-    return 1 if ndim == spatial_dims + 2 else 0
 
 
 def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
