@@ -372,6 +372,8 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
             ctx.refuse(root, f"{where}: {reason}")
         if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
             continue
+        if not any(b.from_conv for _, b, _ in members):
+            continue  # bn(x) + bn(x), x + x: elementwise ops are cheaper than the conv they would become
         if ops.opaque(source):
             ctx.refuse(root, f"{where}: its branches read {source.name} at different points: {ops.opaque(source)}")
             continue

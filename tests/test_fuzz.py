@@ -190,6 +190,11 @@ op_with_sources = st.tuples(op, st.integers(0, 7), st.integers(0, 7)).map(lambda
 @example(dims=2, ops=[("conv", {"k": 3, "dilation": 1, "groups": 1, "bias": True, "mode": "zeros"}, 0, 0),
                       ("pad_conv", {"groups": 1, "bias": True, "value": 0.5}, 1, 1)], dtype=torch.float32,
          capture="export", seed=0, layout="batch0", big_channel=False)
+# Found by a 1,200-model run: a sum of two BN-only branches of one tensor became a new depthwise conv.
+@example(dims=1, ops=[("scale", {}, 0, 0), ("bn", {"affine": False, "stats": True}, 0, 0), ("add", {}, 2, 2),
+                      ("bn", {"affine": False, "stats": True}, 0, 0),
+                      ("pad_conv", {"groups": 1, "bias": False, "value": 0.0}, 0, 0)], dtype=torch.float32,
+         capture="export", seed=0, layout="batch2", big_channel=False)
 def test_random_models_fold_exactly_or_are_left_alone(dims, ops, dtype, capture, seed, layout, big_channel):
     torch.manual_seed(seed)
     batch, size = LAYOUTS[layout]

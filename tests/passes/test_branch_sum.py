@@ -116,3 +116,19 @@ def test_a_dilated_branch_refused_for_its_padding_mode_stays_in_the_sum():
     run = run_pass("branch_sum", model, torch.randn(1, 4, 9, 9))
     assert (run.rewrites, run.count("conv"), run.error < 1e-6) == (1, 2, True)
     assert "padding modes differ" in run.reasons
+
+
+class _TwoNorms(nn.Module):
+    """Found by the fuzzer: two BN-only branches of one tensor and no conv must not become a new conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_sum_of_norms_without_a_conv_stays_elementwise():
+    run = run_pass("branch_sum", _TwoNorms(), torch.randn(2, 3, 5))
+    assert (run.rewrites, run.count("conv")) == (0, 0)
