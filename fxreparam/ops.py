@@ -90,13 +90,6 @@ def opaque(node: fx.Node) -> str | None:
     return node.meta.get("fxreparam_opaque") or node.meta.get("fxreparam_written")
 
 
-def _readable(node: fx.Node, input: Any) -> bool:
-    """Whether a recognizer may read ``node`` as a plain op: not opaque, and its value is not written in place
-    later (its ``input`` may be: a fold that keeps reading it where ``node`` did sees the same value; the
-    folds that merge or move reads check their sources themselves)."""
-    return opaque(node) is None
-
-
 def _standard_module(gm: fx.GraphModule, node: fx.Node, classes: tuple[type, ...] | type) -> nn.Module | None:
     """The module ``node`` calls if it is one of ``classes`` running that class's own ``forward``, no hooks."""
     mod = fetch_attr(gm, node.target)
@@ -154,7 +147,7 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Recognize a convolution whose weight and bias are stored constants."""
     if node.op == "call_module":
         mod = _standard_module(gm, node, _CONV_MODULES)
-        if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
+        if mod is None or len(node.args) != 1 or node.kwargs:
             return None
         transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
         dims = mod.weight.dim() - 2
@@ -174,7 +167,7 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     bias = constant(gm, a["bias"]) if a["bias"] is not None else None
     if weight is None or (a["bias"] is not None and bias is None) or not isinstance(a["input"], fx.Node):
         return None
-    if weight.dim() < 3 or not _readable(node, a["input"]):
+    if weight.dim() < 3 or opaque(node):
         return None
     transposed = bool(a["transposed"]) if transposed is None else transposed
     dims = weight.dim() - 2
@@ -196,7 +189,7 @@ def linear(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Recognize a linear layer whose weight and bias are stored constants."""
     if node.op == "call_module":
         mod = _standard_module(gm, node, nn.Linear)
-        if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
+        if mod is None or len(node.args) != 1 or node.kwargs:
             return None
         return Layer(node, node.args[0], LinearSpec(), mod.weight, mod.bias, module_path(node))
     if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
@@ -206,7 +199,7 @@ def linear(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     bias = constant(gm, a["bias"]) if a["bias"] is not None else None
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         return None
-    if not isinstance(a["input"], fx.Node) or not _readable(node, a["input"]):
+    if not isinstance(a["input"], fx.Node) or opaque(node):
         return None
     return Layer(node, a["input"], LinearSpec(), weight, bias, module_path(node))
 
@@ -266,7 +259,7 @@ _BN_TUPLE_TARGETS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 def _bn_from_module(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
     mod = _standard_module(gm, node, nn.modules.batchnorm._BatchNorm)
-    if mod is None or len(node.args) != 1 or node.kwargs or not _readable(node, node.args[0]):
+    if mod is None or len(node.args) != 1 or node.kwargs:
         return None
     training = mod.training or mod.running_mean is None
     return _bn(node, node.args[0], mod.weight, mod.bias, mod.running_mean, mod.running_var, training, mod.eps)
@@ -344,7 +337,7 @@ def batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
     else:
         return None
     a = _bind(src, names, defaults)
-    if not isinstance(a["input"], fx.Node) or not _readable(src, a["input"]) or not _readable(node, None):
+    if not isinstance(a["input"], fx.Node) or opaque(src) or opaque(node):
         return None
     tensors = {}
     for key in ("weight", "bias", "running_mean", "running_var"):
@@ -541,7 +534,7 @@ def avg_pool(gm: fx.GraphModule, node: fx.Node) -> AvgPool | None:
         a = _bind(node, *_POOL_ARGS)
     else:
         return None
-    if not isinstance(a["input"], fx.Node) or not _readable(node, a["input"]):
+    if not isinstance(a["input"], fx.Node) or opaque(node):
         return None
     kernel = _tuple(a["kernel_size"], dims)
     stride = kernel if a["stride"] in (None, [], ()) else _tuple(a["stride"], dims)

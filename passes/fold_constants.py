@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from fxreparam import cost, evaluate
+from fxreparam.graph import position
 from fxreparam.registry import PassContext, register_pass
 
 
@@ -42,7 +43,6 @@ def fold_constants(ctx: PassContext) -> int:
     boundary = [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
     env: dict[fx.Node, Any] = {}
     leaves: dict[fx.Node, int] = {}  # stored elements each constant comes from (an upper bound)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def ancestors(root: fx.Node) -> list[fx.Node]:
         seen, stack = set(), [root]
@@ -51,7 +51,7 @@ def fold_constants(ctx: PassContext) -> int:
             if n not in seen and n not in env:
                 seen.add(n)
                 stack.extend(n.all_input_nodes)
-        return sorted(seen, key=order.__getitem__)
+        return sorted(seen, key=position)
 
     rewrites = 0
     for node in boundary:
