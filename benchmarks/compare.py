@@ -1,14 +1,17 @@
-"""The headline benchmark: what users do today against fxreparam, as ratios measured in one run.
+"""The headline benchmark: what users do today against fxreparam, run time and compile time, measured in one run.
 
-For each model, batch size and dtype, the median forward time of
+For each model, batch size, dtype and thread count, the median forward time (the variants take turns, run by run)
+and the compile time (from the model to the first result) of
   (a) eager, training structure
   (b) Inductor with freezing on the training structure (what users do today)
-  (c) fxreparam.optimize, then Inductor with freezing
+  (c) fxreparam.optimize(model, x, backend="inductor"): fold, verify, Inductor with freezing
+  (e) torch.compile(model, backend="fxreparam"): Dynamo, fold, verify, Inductor with freezing
   (d) timm's hand-written reparameterize_model, then Inductor with freezing (timm models only)
-and the ratios (b)/(c) and (d)/(c). Writes a markdown table and a PNG bar chart.
+and the ratios (b)/(c), (d)/(c) and (d)/(e) (above 1: fxreparam is faster). Writes a markdown table and a chart.
 
-    python benchmarks/compare.py --device cpu  [--quick]      # small inputs, fp32
-    python benchmarks/compare.py --device cuda                 # 224x224, fp32 and fp16, channels_last
+    python benchmarks/compare.py --device cpu                  # 224x224, batch 1 and 16, 1 thread and all, fp32
+    python benchmarks/compare.py --device cpu --quick          # one small model: checks the script runs
+    python benchmarks/compare.py --device cuda                 # fp32 and fp16, channels_last
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import copy
 import platform
 import sys
+import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -26,9 +31,12 @@ from torch import nn
 import fxreparam
 from fxreparam.demo import DiracNet
 from fxreparam.testing import randomize_batch_norms
-from fxreparam.timing import time_ms
+from fxreparam.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+VARIANTS = {"a": "eager", "b": "Inductor", "c": "fxreparam.optimize + Inductor", "e": "fxreparam backend",
+            "d": "timm reparameterize + Inductor"}
 
 
 def build(name: str) -> tuple[nn.Module, int, bool]:
@@ -48,12 +56,31 @@ def build(name: str) -> tuple[nn.Module, int, bool]:
     return timm.create_model(name, pretrained=False), 224, True
 
 
-def inductor(model: nn.Module) -> nn.Module:
+def compiled(variant: str, model: nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], object], float]:
+    """One variant of ``model``, and the seconds from the model to its first result (capture, folding,
+    verification and compilation included)."""
     torch._dynamo.reset()
-    return torch.compile(model, backend="inductor", options={"freezing": True})
+    start = time.perf_counter()
+    if variant == "a":
+        fn = model
+    elif variant == "b":
+        fn = torch.compile(model, backend="inductor", options={"freezing": True})
+    elif variant == "c":
+        fn = fxreparam.optimize(model, x, backend="inductor")
+    elif variant == "e":
+        fn = torch.compile(model, backend="fxreparam")
+    else:
+        from timm.utils.model import reparameterize_model
+
+        fn = torch.compile(reparameterize_model(copy.deepcopy(model)), backend="inductor", options={"freezing": True})
+    with torch.no_grad():
+        fn(x)
+    return fn, time.perf_counter() - start
 
 
-def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | None, repeat: int) -> dict:
+def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | None, threads: int,
+            repeat: int) -> dict:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, natural, has_timm = build(name)
     model = randomize_batch_norms(model).eval().to(device=device, dtype=dtype)
@@ -61,26 +88,27 @@ def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | 
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     if device == "cuda":
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    folded = fxreparam.optimize(model, x)
-    row = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "size": size}
-    row["a"] = time_ms(model, x, repeat)
-    row["b"] = time_ms(inductor(model), x, repeat)
-    row["c"] = time_ms(inductor(folded), x, repeat)
-    if has_timm:
-        from timm.utils.model import reparameterize_model
-
-        row["d"] = time_ms(inductor(reparameterize_model(copy.deepcopy(model))), x, repeat)
+    row: dict = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "size": size,
+                 "threads": threads, "compile": {}}
+    fns = {}
+    for variant in [v for v in VARIANTS if v != "d" or has_timm]:
+        fns[variant], row["compile"][variant] = compiled(variant, model, x)
+    # Each variant keeps its own compiled code (Dynamo's cache is per function object), so they can take turns.
+    row.update(time_interleaved(fns, x, repeat))
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | input | dtype | (a) eager ms | (b) Inductor ms | (c) fxreparam+Inductor ms | "
-             "(d) timm+Inductor ms | (b)/(c) | (d)/(c) |", "|---|---|---|---|---|---|---|---|---|"]
+    head = " | ".join(f"({v}) {text} ms" for v, text in VARIANTS.items())
+    lines = [f"| model | input | dtype | threads | {head} | (b)/(c) | (d)/(c) | (d)/(e) | compile s: "
+             + " / ".join(f"({v})" for v in VARIANTS) + " |", "|---" * (4 + len(VARIANTS) + 3 + 1) + "|"]
     for r in rows:
-        d = f"{r['d']:.2f}" if "d" in r else "-"
-        dc = f"{r['d'] / r['c']:.2f}" if "d" in r else "-"
-        lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['dtype']} | {r['a']:.2f} | "
-                     f"{r['b']:.2f} | {r['c']:.2f} | {d} | {r['b'] / r['c']:.2f} | {dc} |")
+        cells = [f"{r[v]:.2f}" if v in r else "-" for v in VARIANTS]
+        ratio = {pair: f"{r[pair[0]] / r[pair[1]]:.3f}" if pair[0] in r and pair[1] in r else "-"
+                 for pair in ("bc", "dc", "de")}
+        compile_s = " / ".join(f"{r['compile'][v]:.1f}" if v in r["compile"] else "-" for v in VARIANTS)
+        lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['dtype']} | {r['threads']} | "
+                     + " | ".join(cells) + f" | {ratio['bc']} | {ratio['dc']} | {ratio['de']} | {compile_s} |")
     return "\n".join(lines)
 
 
@@ -90,15 +118,16 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\nb{r['batch']} {r['dtype']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    width = 0.27
-    for i, (key, text) in enumerate([("b", "Inductor, training structure"), ("c", "fxreparam + Inductor"),
-                                     ("d", "timm reparameterize + Inductor")]):
+    labels = [f"{r['model']}\nb{r['batch']} {r['dtype']} t{r['threads']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    shown = [("b", "Inductor, training structure"), ("e", "fxreparam backend"),
+             ("d", "timm reparameterize + Inductor")]
+    width = 0.8 / len(shown)
+    for i, (key, text) in enumerate(shown):
         values = [r[key] / r["c"] if key in r else 0 for r in rows]
         ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=text)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("time relative to fxreparam + Inductor")
+    ax.set_ylabel("time relative to fxreparam.optimize + Inductor")
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -109,31 +138,32 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", nargs="+",
-                        default=["repvgg_b1", "mobileone_s0", "fastvit_t8", "acnet", "dbb", "diracnet"])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--models", nargs="+", default=["mobileone_s0", "repvgg_a0", "fastvit_t8"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread counts (default on cpu: 1 and all cores)")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 on cpu, fp32 and fp16 on cuda")
-    parser.add_argument("--size", type=int, default=None, help="input size (default: 64 on cpu, natural on cuda)")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the model's natural size)")
+    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one small model, batch 1: checks the script runs")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the table and the chart")
     args = parser.parse_args()
+    cores = torch.get_num_threads()
+    threads = args.threads or ([1, cores] if args.device == "cpu" and cores > 1 else [cores])
     if args.quick:
-        args.models, args.batches, args.repeat = ["acnet"], [1], 3
+        args.models, args.batches, args.repeat, threads = ["acnet"], [1], 3, [cores]
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     names = args.dtypes or (["fp32"] if args.device == "cpu" else ["fp32", "fp16"])
-    size = args.size if args.size is not None else (64 if args.device == "cpu" else None)
     where = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    title = (f"{date.today()}, {args.device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}"
-             f", median of {args.repeat}")
+    title = (f"{date.today()}, {args.device} ({where}, {cores} cores), torch {torch.__version__}, median of "
+             f"{args.repeat} interleaved runs")
     rows = []
     for name in args.models:
-        for batch in args.batches:
-            for dt in names:
-                row = measure(name, batch, dtypes[dt], args.device, size if name not in ("acnet",) else None,
-                              args.repeat)
-                rows.append(row)
-                print(table([row]).splitlines()[-1], flush=True)
+        for t in threads:
+            for batch in args.batches:
+                for dt in names:
+                    rows.append(measure(name, batch, dtypes[dt], args.device, args.size, t, args.repeat))
+                    print(table([rows[-1]]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"compare_{args.device}{'_quick' if args.quick else ''}"

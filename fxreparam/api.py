@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -60,14 +60,18 @@ def _check_call(model: Any, args: tuple | None, kwargs: dict[str, Any]) -> None:
 
 
 def _float64_twin(model: nn.Module) -> Callable[..., Any] | None:
-    """``model`` run with float64 copies of its floating parameters and buffers (no copy of the module itself);
-    None where nothing is to be converted (the model is float64 already)."""
+    """``model`` run with float64 copies of its floating parameters and buffers, made on the first call (no copy
+    of the module itself; most verifications never need them); None where the model is float64 already."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     if all(t.dtype == torch.float64 or not t.is_floating_point() for t in tensors.values()):
         return None
-    as64 = {name: t.detach().double() if t.is_floating_point() else t for name, t in tensors.items()}
-    return lambda *args, **kwargs: torch.func.functional_call(model, as64, args, kwargs)
+
+    @functools.cache
+    def as64() -> dict[str, torch.Tensor]:
+        return {name: t.detach().double() if t.is_floating_point() else t for name, t in tensors.items()}
+
+    return lambda *args, **kwargs: torch.func.functional_call(model, as64(), args, kwargs)
 
 
 def _dynamic_dims(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> list[Any] | None:
@@ -84,22 +88,50 @@ def _dynamic_dims(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> li
             for node in placeholders]
 
 
-@contextlib.contextmanager
-def _progress(on: bool) -> Iterator[None]:
-    """With ``on``: the ``fxreparam`` logger's INFO lines go to stderr for the duration of the call."""
-    if not on:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fxreparam: %(message)s"))
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+class _Progress:
+    """With ``on``: the ``fxreparam`` logger's INFO lines (each step and its time) go to stderr, and the passes
+    show a tqdm bar per round; without, nothing is printed (library convention)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.bar, self.round = on, None, 0
+
+    def __enter__(self) -> _Progress:
+        if self.on:
+            self.handler = logging.StreamHandler(sys.stderr)
+            self.handler.setFormatter(logging.Formatter("fxreparam: %(message)s"))
+            self.level = log.level
+            log.addHandler(self.handler)
+            log.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        if self.on:
+            log.removeHandler(self.handler)
+            log.setLevel(self.level)
+
+    def on_pass(self, total: int) -> Callable[[int, str], None] | None:
+        """The ``run_passes`` callback that advances a bar of ``total`` passes per round (None when off)."""
+        if not self.on:
+            return None
+        from tqdm import tqdm
+
+        def step(round_: int, name: str) -> None:
+            if self.bar is None or self.round != round_:
+                self.close()
+                self.round = round_
+                self.bar = tqdm(total=total, desc=f"fxreparam: passes, round {round_}", unit="pass", leave=False,
+                                file=sys.stderr)
+            else:
+                self.bar.update()
+            self.bar.set_postfix_str(name)
+
+        return step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def optimize(
@@ -151,14 +183,14 @@ def optimize(
         VerificationError: the result computes something else than the model (``.pass_name`` names the first
             pass after which the outputs diverge), or it could not be verified (``.pass_name`` is None).
     """
-    with _progress(progress):
+    with _Progress(progress) as shown:
         return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture, tolerance,
-                         backend_options)
+                         backend_options, shown)
 
 
 def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, verify: bool, backend: str | None,
               example_kwargs: dict[str, Any] | None, capture: str, tolerance: float | None,
-              backend_options: dict[str, Any] | None) -> Any:
+              backend_options: dict[str, Any] | None, shown: _Progress) -> Any:
     """:func:`optimize`'s body, after its arguments."""
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     _check_call(model, args, kwargs)
@@ -182,12 +214,14 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         tick = time.perf_counter()
         reference = Reference(work, args, kwargs, original64=_float64_twin(work),
                               dynamic=_dynamic_dims(captured, args, kwargs), floor=tolerance,
-                              covers=getattr(captured, "check_inputs", None))
+                              covers=getattr(captured, "check_inputs", None),
+                              example_outputs=captured.example_outputs)
         verify_seconds = time.perf_counter() - tick
 
     before = count_ops(gm)
     tick = time.perf_counter()
-    passlog = run_passes(gm, selected)
+    passlog = run_passes(gm, selected, on_pass=shown.on_pass(len(selected)))
+    shown.close()
     folded = finalize(gm, class_name=f"Folded{type(model).__name__}")
     log.info("ran %d passes to a fixpoint in %d rounds and finalized in %.2f s: %d rewrites", len(selected),
              passlog.rounds, time.perf_counter() - tick, sum(s.rewrites for s in passlog.stats.values()))
@@ -213,10 +247,24 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         model=type(model).__name__, capture=captured.method, capture_seconds=captured.seconds,
         optimize_seconds=time.perf_counter() - start - captured.seconds, passes=list(passlog.stats.values()),
         refusals=passlog.refusals, before=before, after=count_ops(folded), verification=verification,
-        verification_note=note, rounds=passlog.rounds, verify_seconds=verify_seconds)
+        verification_note=note, rounds=passlog.rounds, verify_seconds=verify_seconds,
+        notes=_notes(args, passlog))
     if backend not in (None, "eager"):
         log.info("handing the folded module to %s ...", backend)
     return deploy.deploy(folded, backend, args, dict(backend_options or {}))
+
+
+def _notes(args: tuple | None, passlog: Any) -> list[str]:
+    """What the report should say beyond its tables: a capture without inputs, passes that did not settle."""
+    notes = []
+    if args is None:
+        notes.append("no example inputs: captured with symbolic_trace, which knows no shapes, leaves in-place writes "
+                     "and hooked modules alone and cannot verify the result; optimize(model, example_inputs) folds "
+                     "more (a RepVGG block's identity BN, for one) and verifies it")
+    if passlog.unsettled:
+        notes.append(f"no fixpoint after {passlog.rounds} rounds: {', '.join(passlog.unsettled)} still rewrote in the "
+                     "last one (the result is verified all the same; please report the model)")
+    return notes
 
 
 def blame(fresh: Callable[[], fx.GraphModule], reference: Reference, schedule: list[Pass],

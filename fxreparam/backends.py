@@ -12,7 +12,6 @@ is compiled without it (or unfolded).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -25,7 +24,9 @@ from torch import fx, nn
 
 from .deploy import INNER_COMPILERS, compile_with
 from .finalize import finalize
+from .graph import inline_layers
 from .meta import clean_path
+from .mutation import mark_written
 from .pipeline import run_passes
 from .registry import Pass, list_passes
 from .report import Report, count_ops
@@ -83,9 +84,29 @@ def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphM
     return gm, keep
 
 
+def functional(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
+    """``gm`` with its in-place writes turned into data flow (Dynamo's graphs keep ``x += y`` and ``relu_``, which
+    block every fold that reads the written value), traced once on ``inputs`` through functionalization; ``gm``
+    itself where it writes nothing, takes symbolic sizes, or cannot be traced that way."""
+    if not mark_written(gm) or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return gm
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with torch.no_grad():
+            traced = make_fx(torch.func.functionalize(gm, remove="mutations_and_views"))(
+                *[x.detach().clone() for x in inputs])
+    except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
+        log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
+        return gm
+    return traced
+
+
 def _fold(gm: fx.GraphModule, example_inputs: Sequence[Any], passes: list[Pass]) -> tuple[fx.GraphModule, Any, Any]:
-    """Freeze a copy of ``gm`` and fold it with ``passes``: the folded graph, its op counts before, its pass log."""
-    frozen, _ = freeze(copy.deepcopy(gm), example_inputs)
+    """Freeze a copy of ``gm``, make it functional and fold it with ``passes``: the folded graph, its op counts
+    before, its pass log."""
+    frozen, keep = freeze(copy.deepcopy(gm), example_inputs)
+    frozen = functional(frozen, [example_inputs[i] for i in keep])
     before = count_ops(frozen)
     passlog = run_passes(frozen, passes)
     return finalize(frozen, class_name="FoldedRegion"), before, passlog
@@ -158,7 +179,18 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     optimize_seconds = time.perf_counter() - start - capture_seconds
     target = folded if folded is not None else gm
     tick = time.perf_counter()
-    compiled = _compile(inner, target, [example_inputs[i] for i in keep])
+    try:
+        compiled = _compile(inner, target, [example_inputs[i] for i in keep])
+    except Exception as err:
+        if folded is None:
+            raise  # the user's own region does not compile: that error is theirs
+        notes.append(f"the inner compiler {inner} failed on the folded region ({type(err).__name__}); compiled "
+                     "unfolded")
+        _warn(f"the inner compiler {inner} failed on a folded torch.compile region ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:200] if str(err) else ''}); the region was compiled unfolded. Please "
+              "report the model.")
+        target, keep = gm, list(range(len(example_inputs)))
+        compiled = compile_with(inner, gm, example_inputs)
     notes.append(f"inner compiler {inner}: {time.perf_counter() - tick:.2f} s")
     report = Report(model="torch.compile region", capture="Dynamo (parameters frozen)",
                     capture_seconds=capture_seconds, optimize_seconds=optimize_seconds,
@@ -192,9 +224,11 @@ def _warn(message: str) -> None:
 
 
 def _compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    """The inner compile; Inductor gets its freezing treatment (the weights are constants of the graph now)."""
+    """The inner compile; Inductor gets the graph as Dynamo would give it (functional layers) and its freezing
+    treatment (the weights are constants of the graph now)."""
     import torch._inductor.config
 
-    patch = torch._inductor.config.patch(freezing=True) if inner == "inductor" else contextlib.nullcontext()
-    with patch:
+    if inner != "inductor":
         return compile_with(inner, gm, example_inputs)
+    with torch._inductor.config.patch(freezing=True):
+        return compile_with(inner, inline_layers(gm), example_inputs)

@@ -10,7 +10,9 @@ included where the example has batch size 1. Without example inputs, or where ex
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import operator
 import os
 import re
@@ -56,6 +58,7 @@ class Captured:
     dynamic_dims: list[dict[int, tuple[int, int | None]]] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    example_outputs: Any = None  # the model's own outputs on the examples, where capture ran it
 
     @property
     def method_key(self) -> str:
@@ -182,9 +185,11 @@ def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 
 def _export_program(model: nn.Module, args: tuple, kwargs: dict, dims: str | None) -> Any:
-    """One ``torch.export`` attempt, non-strict, with ``dims`` (``"all"``, ``"batch"``, None: static) automatic."""
+    """One ``torch.export`` attempt, non-strict, with ``dims`` (``"all"``, ``"batch"``, None: static) automatic.
+    What export prints on failure (the partial graph) is kept off the user's stderr: the error says it all."""
     dynamic = _dynamic_shapes(model, args, kwargs, dims) if dims is not None and _auto() is not None else None
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
 
 
 def _symbol_range(program: Any, size: Any) -> tuple[int, int | None] | None:
@@ -399,6 +404,45 @@ export then reasons about every spatial size symbolically. Spatial sizes stay gu
 :class:`ShapeError` naming the dim and the captured size."""
 
 
+def _copies(tree: Any) -> Any:
+    """Fresh copies of the tensors in ``tree``, for a run that may write into its inputs."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+@dataclass
+class _Exported:
+    """An exported program; where the batch-of-two check built them, its graph and the model's example outputs."""
+
+    program: Any
+    graph: tuple[fx.GraphModule, list, list, list] | None = None
+    outputs: Any = None
+
+
+def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]) -> _Exported:
+    """:func:`export_program`'s work; a batch-of-two capture is checked on the example itself through the
+    graph that capture keeps, and the model's outputs there are kept for the verification."""
+    doubled = _batch_of_two(args, kwargs)
+    if doubled is not None and _auto() is not None:
+        try:
+            program = _export_program(model, *doubled, DYNAMIC_DIMS)
+            graph = _to_graph(program, args, kwargs)
+            with torch.no_grad():
+                outputs = model(*_copies(args), **_copies(kwargs))
+                same = _same_outputs(outputs, graph[0](*_copies(args), **_copies(kwargs)))
+            if same:
+                notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
+                return _Exported(program, graph, outputs)
+            notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
+        except Exception:  # the model pins its batch size, or needs the example's: capture it as given
+            pass
+    if _auto() is not None:
+        try:
+            return _Exported(_export_program(model, args, kwargs, DYNAMIC_DIMS))
+        except Exception:  # the model pins its dynamic dims: capture it static
+            pass
+    return _Exported(_export_program(model, args, kwargs, None))  # its error, if any, has concrete sizes
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str] | None = None) -> Any:
     """``torch.export`` (non-strict) of ``model`` with the :data:`DYNAMIC_DIMS` it does not pin dynamic.
 
@@ -406,34 +450,17 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]
     result then computes the model's output on the example itself. Where dynamic dims fail, static
     shapes; the error of the static attempt (concrete sizes) is raised.
     """
-    notes = notes if notes is not None else []
-    doubled = _batch_of_two(args, kwargs)
-    if doubled is not None and _auto() is not None:
-        try:
-            program = _export_program(model, *doubled, DYNAMIC_DIMS)
-            with torch.no_grad():
-                same = _same_outputs(model(*args, **kwargs), program.module()(*args, **kwargs))
-            if same:
-                notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
-                return program
-            notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
-        except Exception:  # the model pins its batch size, or needs the example's: capture it as given
-            pass
-    if _auto() is not None:
-        try:
-            return _export_program(model, args, kwargs, DYNAMIC_DIMS)
-        except Exception:  # the model pins its dynamic dims: capture it static
-            pass
-    return _export_program(model, args, kwargs, None)  # its error, if any, has concrete sizes
+    return _export_checked(model, args, kwargs, notes if notes is not None else []).program
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows."""
     start = time.perf_counter()
     notes: list[str] = []
-    program = export_program(model, args, kwargs, notes)
-    gm, shapes, dynamic, names = _to_graph(program, args, kwargs)
-    return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes)
+    exported = _export_checked(model, args, kwargs, notes)
+    gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
+    return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
+                    exported.outputs)
 
 
 # ----------------------------------------------------------------------------------------------- symbolic_trace
@@ -564,7 +591,7 @@ def _expected_input(model: nn.Module) -> str:
     """What the model's first layer takes, in words (``[N, 3, H, W]``), or '' where it has none we know."""
     spatial = ("L", "H, W", "D, H, W")
     for name, mod in model.named_modules():
-        where = f"its first layer {name or type(model).__name__} ({type(mod).__name__})"
+        where = f"first layer, {name or type(model).__name__} ({type(mod).__name__}),"
         if isinstance(mod, nn.modules.conv._ConvNd) and 1 <= len(mod.kernel_size) <= 3:
             return f"{where} takes inputs of shape [N, {mod.in_channels}, {spatial[len(mod.kernel_size) - 1]}]"
         if isinstance(mod, nn.Linear):
@@ -618,7 +645,7 @@ def _input_mismatch(model: nn.Module, args: tuple, kwargs: dict, err: BaseExcept
     expected = _expected_input(model)
     return CaptureInputError(f"{type(model).__name__} does not run on the example inputs ({shapes}): "
                         f"{type(err).__name__}: {_first_lines(err)}{_user_frame(err)}. "
-                        + (f"The model's {expected}. " if expected else "")
+                        + (f"The model's {expected}. " if expected else "")  # "The model's first layer, ... takes"
                         + "Remedy: pass example inputs the model accepts (check the shape, dtype and device).")
 
 

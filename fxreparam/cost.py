@@ -52,14 +52,16 @@ def kernel_cost(weight: torch.Tensor, bias: torch.Tensor | None, positions: int,
 
 
 MAX_CONSTANT_GROWTH = 1 << 22
-"""Largest precomputed constant (elements) worth storing when it is bigger than all the stored tensors it
-comes from: an ``expand`` of a bias to activation size is cheaper left in the forward."""
+"""Largest precomputed kernel (elements) worth storing when it is bigger than all the stored tensors it comes from
+(a kernel built by padding or repeating a smaller one): the forward would build it every call anyway."""
 
 
-def why_not_stored(numel: int, source_numel: int) -> str | None:
+def why_not_stored(numel: int, source_numel: int, *, kernel: bool) -> str | None:
     """Why a constant of ``numel`` elements computed from ``source_numel`` stored ones should stay in the
-    forward rather than be stored, or ``None``."""
-    if numel > max(source_numel, MAX_CONSTANT_GROWTH):
+    forward rather than be stored, or ``None``. Only a conv or linear kernel may grow (up to
+    :data:`MAX_CONSTANT_GROWTH`): any other constant grown by its computation (a gathered or expanded bias) is
+    cheaper to recompute than to store, since stored elements are a cost."""
+    if numel > (max(source_numel, MAX_CONSTANT_GROWTH) if kernel else source_numel):
         return f"it would grow to {numel:,} stored elements from {source_numel:,}"
     return None
 

@@ -131,33 +131,72 @@ def save(folded: nn.Module, path: str | os.PathLike, example_inputs: Any) -> Pat
 
 
 def _kind(path: str | os.PathLike) -> str:
-    """``"aot_inductor"``, ``"program"``, or a description of what else the file is."""
+    """``"aot_inductor"``, ``"program"``, or a description of what else the file is (for an error message).
+
+    Both artifacts are zip archives under one top folder: a ``torch.export`` program holds
+    ``models/model.json`` (or ``serialized_exported_program.json``), an AOTInductor package
+    ``data/aotinductor/``; the suffix (``.pt2`` for both) says nothing.
+    """
+    if os.path.isdir(path):
+        return "a directory, not a file"
     if not os.path.isfile(path):
         return f"no such file: {os.fspath(path)!r}"
     if not zipfile.is_zipfile(path):
-        return "not a zip archive (a .pt2 file, from fxreparam.save or aot_inductor, is one)"
+        with open(path, "rb") as f:
+            head = f.read(4)
+        what = ("; a pickle, e.g. an old-style torch.save file: read it with torch.load" if head[:1] == b"\x80" else
+                "; ONNX? read it with onnxruntime" if os.fspath(path).endswith(".onnx") else "")
+        return (f"not a zip archive ({os.path.getsize(path)} bytes{what}); a .pt2 file from fxreparam.save or "
+                "aot_inductor is one")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     if any("/data/aotinductor/" in n or n.startswith("data/aotinductor/") for n in names):
         return "aot_inductor"
     if any(n.endswith(("models/model.json", "serialized_exported_program.json")) or "/models/" in n for n in names):
         return "program"
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "a zip archive of neither kind: a TorchScript archive (torch.jit.save); read it with torch.jit.load"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return ("a zip archive of neither kind: a torch.save file (a state dict or other objects); read it with "
+                "torch.load, or pass a state dict to the command line as --weights")
     return f"a zip archive of neither kind ({len(names)} entries, e.g. {names[:3]})"
 
 
 def load(path: str | os.PathLike) -> Any:
     """Load a file written by :func:`save` (a module) or :func:`aot_inductor` (a runner), in any process.
 
-    Both check their inputs and raise :class:`ShapeError` for a shape the artifact does not cover.
+    Which of the two a file is is read from its content (both are ``.pt2`` zip archives). Both check their
+    inputs and raise :class:`ShapeError` for a shape the artifact does not cover. Anything else, or an
+    artifact this torch cannot read, raises :class:`FxReparamError` saying what the file is.
     """
     kind = _kind(path)
+    name = os.fspath(path)
+
+    def _first_line(err: BaseException) -> str:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
     if kind == "aot_inductor":
         from torch._inductor import aoti_load_package
 
-        return GuardedRunner(aoti_load_package(str(path)), None)
+        try:
+            runner = aoti_load_package(name)
+        except Exception as err:
+            raise FxReparamError(
+                f"fxreparam.load: {name!r} is an AOTInductor package, but torch {torch.__version__} could not load "
+                f"it ({_first_line(err)}): a package runs only with the torch version and the device type it was "
+                "compiled for; compile it again here (fxreparam optimize ... --backend aot_inductor)") from err
+        return GuardedRunner(runner, None)
     if kind == "program":
-        return guarded_module(torch.export.load(str(path)))
-    raise FxReparamError(f"fxreparam.load cannot read {os.fspath(path)!r}: {kind}. It loads torch.export programs "
+        try:
+            program = torch.export.load(name)
+        except Exception as err:
+            raise FxReparamError(
+                f"fxreparam.load: {name!r} is a torch.export program, but torch {torch.__version__} could not read "
+                f"it ({_first_line(err)}): read it with the torch version that wrote it, or save it again with this "
+                "one (fxreparam.save)") from err
+        return guarded_module(program)
+    raise FxReparamError(f"fxreparam.load cannot read {name!r}: {kind}. It loads torch.export programs "
                          "(fxreparam.save) and AOTInductor packages (fxreparam.deploy.aot_inductor).")
 
 

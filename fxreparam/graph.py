@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from . import algebra
@@ -19,8 +20,8 @@ from .meta import Storage, module_path
 from .mutation import eliminate_dead_code, erase_dead
 from .spec import ConvSpec, Spec
 
-__all__ = ["build_module", "call_module", "eliminate_dead_code", "emit", "erase_dead", "insert_layer", "live_nodes",
-           "position", "replace"]
+__all__ = ["build_module", "call_module", "eliminate_dead_code", "emit", "erase_dead", "inline_layers", "insert_layer",
+           "live_nodes", "position", "replace"]
 
 _CONV_CLASSES = {
     (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -139,3 +140,35 @@ def replace(old: fx.Node, new: fx.Node) -> None:
     """Point every consumer of ``old`` at ``new`` and erase what is left without consumers."""
     old.replace_all_uses_with(new)
     erase_dead(old)
+
+
+_FUNCTIONAL_CONV = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
+                    (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
+
+
+def inline_layers(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every plain conv and linear ``call_module`` replaced by its functional call on ``get_attr``
+    weights: the form Dynamo hands a compiler (Inductor's own pre-grad conv-BN passes rewrite module parameters
+    while it traces, which fails on a graph of modules). Layers with a non-zero padding mode stay modules."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) not in (nn.Linear, *_CONV_CLASSES.values()) or getattr(mod, "padding_mode", "zeros") != "zeros":
+            continue
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.get_attr(f"{node.target}.weight")
+            bias = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            if isinstance(mod, nn.Linear):
+                call = gm.graph.call_function(F.linear, (node.args[0], weight, bias))
+            elif mod.transposed:
+                call = gm.graph.call_function(_FUNCTIONAL_CONV[(mod.weight.dim() - 2, True)], (
+                    node.args[0], weight, bias, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation))
+            else:
+                call = gm.graph.call_function(_FUNCTIONAL_CONV[(mod.weight.dim() - 2, False)], (
+                    node.args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm

@@ -37,6 +37,7 @@ __all__ = [
     "batch_norm",
     "binary",
     "channel_affine",
+    "channel_average",
     "concat",
     "constant",
     "constant_pad",
@@ -47,6 +48,7 @@ __all__ = [
     "linear",
     "op_kind",
     "opaque",
+    "reads_as_kernel",
     "shape_query",
     "sole_user",
     "symmetric_crop",
@@ -202,6 +204,15 @@ def linear(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     if not isinstance(a["input"], fx.Node) or opaque(node):
         return None
     return Layer(node, a["input"], LinearSpec(), weight, bias, module_path(node))
+
+
+def reads_as_kernel(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` is a conv or linear op that reads ``value`` as its weight or bias only (not as its input)."""
+    if user.op != "call_function" or (user.target not in _CONV_TARGETS and user.target not in _LINEAR_TARGETS):
+        return False
+    names = _CONV_TARGETS[user.target][0] if user.target in _CONV_TARGETS else ("input", "weight", "bias")
+    a = _bind(user, names, {})
+    return a.get("input") is not value and value in (a.get("weight"), a.get("bias"))
 
 
 def weighted(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
@@ -650,10 +661,51 @@ def flatten_start(gm: fx.GraphModule, node: fx.Node) -> int | None:
         start = len(after) - 1
         keeps_lead = before[:start] == after[:start] and math.prod(before[start:]) == after[start]
         return start if keeps_lead and 0 not in before else None
-    if node.op != "call_function" or node.target not in _FLATTEN:
+    if not ((node.op == "call_function" and node.target in _FLATTEN) or (node.op == "call_method"
+            and node.target == "flatten")):
         return None
     a = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
     return int(a["start_dim"]) if a["end_dim"] == -1 else None
+
+
+_MEAN = {torch.mean, *_overloads("mean", "dim")}
+_ADAPTIVE_AVG = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                 *[o for n in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                               "_adaptive_avg_pool2d") for o in _overloads(n, "default")]}
+
+
+def channel_average(gm: fx.GraphModule, node: fx.Node, channel_dim: int) -> tuple[fx.Node, int] | None:
+    """``(input, channel dim there)`` if ``node`` averages each channel over other dims, or flattens dims away
+    without touching the channel axis: a per-channel affine map commutes with it (REPARAM §2: ``mean(a x + b) =
+    a mean(x) + b``), so it folds across. ``channel_dim`` is the channel axis of ``node``'s output."""
+    if opaque(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source, before = node.args[0], concrete_shape(node.args[0])
+    after = concrete_shape(node)
+    if before is None or after is None:
+        return None
+    if (node.op == "call_function" and node.target in _MEAN) or (node.op == "call_method" and node.target == "mean"):
+        a = _bind(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+        if a["dim"] is None or len(a) > 3 or node.kwargs.get("dtype") is not None:
+            return None
+        dims = {d % len(before) for d in ((a["dim"],) if isinstance(a["dim"], int) else a["dim"])}
+        kept = [d for d in range(len(before)) if a["keepdim"] or d not in dims]
+        if channel_dim >= len(kept) or kept[channel_dim] in dims:
+            return None
+        return source, kept[channel_dim]
+    if (node.op == "call_function" and node.target in _ADAPTIVE_AVG) or (
+            node.op == "call_module" and _standard_module(gm, node, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                                                     nn.AdaptiveAvgPool3d)) is not None):
+        pooled = _pooled_dims(gm, node)  # each output is the mean of a window of its own channel, over these dims
+        return (source, channel_dim) if pooled and channel_dim < len(after) - pooled else None
+    start = flatten_start(gm, node)
+    if start is None or len(after) != start + 1:
+        return None
+    if channel_dim < start:
+        return source, channel_dim  # the channel axis is before the merged dims
+    if channel_dim == start and math.prod(before[start + 1:]) == 1:
+        return source, channel_dim  # merged with dims of size 1 only
+    return None
 
 
 _CAT = {torch.cat, torch.concat, *_overloads("cat", "default")}

@@ -11,7 +11,7 @@ does, so a pass that corrupts the graph is named at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -77,6 +77,7 @@ class PassLog:
     refusals: list[Refusal] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)  # passes in the order they ran, one entry per run
     rounds: int = 0
+    unsettled: list[str] = field(default_factory=list)  # passes still rewriting when the round limit was reached
 
 
 def _run_one(p: Pass, ctx: PassContext) -> int:
@@ -91,10 +92,12 @@ def _run_one(p: Pass, ctx: PassContext) -> int:
     return n
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = MAX_ROUNDS) -> PassLog:
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = MAX_ROUNDS,
+               on_pass: Callable[[int, str], None] | None = None) -> PassLog:
     """Rewrite ``gm`` in place with ``passes`` (in the order given) to a fixpoint.
 
-    Returns the :class:`PassLog`; refusals of nodes that a later fold removed are dropped from it.
+    ``on_pass(round, name)`` is called before each pass runs (progress display). Returns the :class:`PassLog`;
+    refusals of nodes that a later fold removed are dropped from it.
     """
     log = PassLog(stats={p.name: PassStat(p.name) for p in passes})
     ctx = PassContext(gm, pass_name="in-place writes")
@@ -102,8 +105,10 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = 
         ctx.refuse(node, why)
     for _ in range(max_rounds):
         log.rounds += 1
-        changed = 0
+        changed: list[str] = []
         for p in passes:
+            if on_pass is not None:
+                on_pass(log.rounds, p.name)
             start = time.perf_counter()
             n = _run_one(p, ctx)
             stat = log.stats[p.name]
@@ -111,9 +116,12 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, max_rounds: int = 
             stat.rewrites += n
             stat.seconds += time.perf_counter() - start
             log.schedule.append(p.name)
-            changed += n
+            if n:
+                changed.append(p.name)
         if not changed:
             break
+    else:
+        log.unsettled = changed
     alive = {n.name for n in gm.graph.nodes}
     seen: set[tuple[str, str]] = set()
     for r in ctx.refusals.values():  # one entry per node and reason, from the first pass that gave it

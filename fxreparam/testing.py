@@ -65,24 +65,47 @@ def run_pass(name: str, model: nn.Module, *inputs: torch.Tensor, randomize: bool
     return PassRun(gm, sum(s.rewrites for s in log.stats.values()), log.refusals, error)
 
 
+def _macs(func, args, out) -> int:
+    """Multiply-accumulates of one executed conv or matrix product (0 for every other op)."""
+    name = func.overloadpacket.__name__
+    if "convolution" in name and not isinstance(out, tuple):
+        transposed = len(args) > 6 and bool(args[6])
+        return (args[0] if transposed else out).numel() * args[1][0].numel()
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a = args[1] if name in ("addmm", "baddbmm") else args[0]
+        return out.numel() * a.shape[-1]
+    return 0
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.macs += _macs(func, args, out)
+        return out
 
 
 def executed_ops(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
-    """The conv, batch-norm and add ops one forward pass executes, counted at the aten level."""
+    """The conv, linear, batch-norm and add ops one forward pass executes, counted at the aten level, and the
+    multiply-accumulates of its convs and matrix products."""
     with torch.no_grad(), _CountOps() as mode:
         model(*inputs)
     c = mode.counts
     return {"conv": sum(n for k, n in c.items() if "conv" in k),
+            "linear": sum(c[k] for k in ("addmm", "mm", "bmm", "baddbmm")),
             "batch_norm": sum(n for k, n in c.items() if "batch_norm" in k),
-            "add": sum(n for k, n in c.items() if k.startswith("add") and k != "addmm")}
+            "add": sum(n for k, n in c.items() if k.startswith("add") and k != "addmm"),
+            "macs": mode.macs}
+
+
+def stored_elements(model: nn.Module) -> int:
+    """Elements of every floating-point parameter and buffer: what the model has to keep in memory."""
+    return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
 @torch.no_grad()

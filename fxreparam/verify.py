@@ -132,24 +132,25 @@ Dynamic = Sequence[Sequence[int] | Mapping[int, tuple[int, int | None]]]
 """Per flattened input, the dims the capture left dynamic: a list of dims, or dim -> (min, max) sizes."""
 
 
-def _resize(n: int, bounds: tuple[int, int | None], grow: bool) -> int:
-    """A size for a dynamic dim within ``bounds``: 2 for a zero-size example, else one more (or one less)."""
+def _resize(n: int, bounds: tuple[int, int | None]) -> int:
+    """Another size for a dynamic dim, within ``bounds``: the smallest of 2 and 3 that is not ``n`` (small sizes
+    keep the check cheap; size 1 is avoided, since export treats it specially), else what the bounds allow."""
     low, high = bounds
-    want = 2 if n == 0 else n + 1 if grow else n
-    if high is not None and want > high:
-        want = n - 1 if n > 0 else high
-    return max(want, low, 1 if n == 0 else 0)
+    for want in (2, 3):
+        if want != n and want >= low and (high is None or want <= high):
+            return want
+    return n
 
 
 def trial_inputs(args: tuple, kwargs: dict, dynamic: Dynamic | None = None, seed: int = 0
                  ) -> tuple[list[Inputs], int, list[bool], str]:
-    """The input sets a verification runs: the examples, one random set, one at another batch size.
+    """The input sets a verification runs: the examples, and one random set, at another size in every dim the
+    capture left dynamic.
 
-    ``dynamic`` (see :data:`Dynamic`) says which dims the capture left dynamic; the second shape moves each by
-    one within its bounds. A zero-size example dim becomes 2 in the random sets, so values are compared on
-    non-empty tensors; where the capture did not make that dim dynamic those sets are *speculative* (the
-    optimized module need not run there). Returns the sets, their number of distinct shapes, which sets are
-    speculative, and a note.
+    ``dynamic`` (see :data:`Dynamic`) says which dims the capture left dynamic. A zero-size example dim becomes
+    2 in the random set, so values are compared on non-empty tensors; where the capture did not make that dim
+    dynamic the set is *speculative* (the optimized module need not run there). Returns the sets, their number
+    of distinct shapes, which sets are speculative, and a note.
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
     dims: list[dict[int, tuple[int, int | None]]] = [
@@ -157,25 +158,16 @@ def trial_inputs(args: tuple, kwargs: dict, dynamic: Dynamic | None = None, seed
     dims += [{}] * (len(leaves) - len(dims))
     generator = torch.Generator().manual_seed(seed)
     example = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
-    filled = [None if s is None else tuple(_resize(0, dims[i].get(d, (0, None)), False) if n == 0 else n
-                                           for d, n in enumerate(s)) for i, s in enumerate(example)]
     pinned = any(n == 0 and d not in dims[i] for i, s in enumerate(example) if s for d, n in enumerate(s))
-    second = [None if s is None else tuple(_resize(n, dims[i][d], True) if d in dims[i] else n
-                                           for d, n in enumerate(s)) for i, s in enumerate(filled)]
-
-    def build(shapes: Sequence[tuple[int, ...] | None]) -> Inputs:
-        values = [x if s is None else _random_like(x, s, generator) for x, s in zip(leaves, shapes)]
-        return pytree.tree_unflatten(values, spec)
-
-    sets, speculative = [(tuple(args), dict(kwargs)), build(filled)], [False, pinned]
-    if second != filled:
-        sets.append(build(second))
-        speculative.append(pinned)
+    other = [None if s is None else tuple(_resize(n, dims[i][d]) if d in dims[i] else 2 if n == 0 else n
+                                          for d, n in enumerate(s)) for i, s in enumerate(example)]
+    values = [x if s is None else _random_like(x, s, generator) for x, s in zip(leaves, other)]
+    sets, speculative = [(tuple(args), dict(kwargs)), pytree.tree_unflatten(values, spec)], [False, pinned]
     note = ""
-    if filled != example:
+    if any(n == 0 for s in example if s for n in s):
         note = ("the example has a zero-size dim: values were compared at size 2 there"
                 + (" (the capture pinned that dim; the optimized module was run there anyway)" if pinned else ""))
-    return sets, len({tuple(shapes) for shapes in (example, filled, second)}), speculative, note
+    return sets, len({tuple(example), tuple(other)}), speculative, note
 
 
 # ----------------------------------------------------------------------------------------------- comparison
@@ -290,7 +282,8 @@ def _path(keypath: tuple) -> str:
     return "".join(str(k) for k in keypath) or "0"
 
 
-def compare_outputs(orig: Any, ref: Any, cand: Any, sums: dict[tuple, _Sums], *, floor: float | None = None) -> str:
+def compare_outputs(orig: Any, ref: Any, cand: Any, sums: dict[tuple, _Sums], *, floor: float | None = None,
+                    floor_scale: float = 1.0) -> str:
     """Compare one candidate output tree with the original's (own dtype) and float64 ones.
 
     Structure, shapes, dtypes, integer values and the inf/nan pattern must match exactly (else the reason is
@@ -316,7 +309,7 @@ def compare_outputs(orig: Any, ref: Any, cand: Any, sums: dict[tuple, _Sums], *,
             sums.setdefault((name, "integer"), _Sums(0.0, o.dtype, True, *[torch.zeros(1, dtype=torch.float64)] * 3,
                                                       torch.zeros(1, dtype=torch.float64))).count += o.numel()
             continue
-        why = _accumulate(o, r, c, floor if floor is not None else _floor(o.dtype), name, sums)
+        why = _accumulate(o, r, c, (floor if floor is not None else _floor(o.dtype)) * floor_scale, name, sums)
         if why:
             return why
     return ""
@@ -327,19 +320,30 @@ def _describe(inputs: Inputs) -> str:
     return ", ".join(str(s) for s in shapes)
 
 
+QUICK = 0.9
+"""The quick check's share of the floor. A candidate within ``QUICK x floor`` of the original's own-dtype outputs
+on every channel passes the full check too: ``|c - r| <= |c - o| + |o - r|``, and whatever the original's own
+error ``|o - r|`` is, ``QUICK x floor + |o - r|`` stays within ``max(floor, K |o - r|)`` as long as
+``QUICK < (K - 1) / K`` (0.9375; the margin covers the channel's norm in ``o`` against ``r``). So the float64 run
+is made only where some channel comes closer to its allowance than that."""
+
+
 class Reference:
-    """The original model's outputs on the trial inputs, in its own dtype and in float64: made once, then
-    :meth:`check` compares any number of candidates with them (``optimize`` and the culprit search reuse it)."""
+    """The original model's outputs on the trial inputs, in its own dtype, and in float64 when a check needs them:
+    made once, then :meth:`check` compares any number of candidates with them (``optimize`` and the culprit
+    search reuse it)."""
 
     def __init__(self, original: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any] | None = None, *,
                  original64: Callable[..., Any] | None = None, dynamic: Dynamic | None = None,
                  floor: float | None = None, seed: int = 0,
-                 covers: Callable[[tuple, dict], Any] | None = None) -> None:
-        """Run ``original`` (own dtype) and ``original64`` (the same model in float64, fed float64 inputs).
+                 covers: Callable[[tuple, dict], Any] | None = None, example_outputs: Any = None) -> None:
+        """Run ``original`` (own dtype) on the trial inputs; keep ``original64`` (the same model in float64, fed
+        float64 inputs) for the first check that needs it.
 
         ``original64=None`` means the model is float64 already. ``floor`` overrides :data:`FLOOR`. Where the
         float64 run fails, the own-dtype outputs are the reference and only the floor is allowed. ``covers``
         raises for inputs the capture does not cover (its shape guards): such trial sets are left out.
+        ``example_outputs``: the original's outputs on the examples, where the caller has them already.
         """
         self.floor = floor
         self.sets, self.shapes, self.speculative, note = trial_inputs(tuple(args), dict(kwargs or {}), dynamic, seed)
@@ -355,10 +359,14 @@ class Reference:
                                       f"cover them ({type(err).__name__})")
             self.sets, self.speculative = [self.sets[i] for i in kept], [self.speculative[i] for i in kept]
         self.outputs: list[Any] = []
-        self.outputs64: list[Any] = []
+        self._original64 = original64
+        self._outputs64: list[Any] | None = None if original64 is not None else self.outputs
         self.calibrated = original64 is not None
         with torch.no_grad():
             for i, (a, k) in enumerate(list(self.sets)):
+                if i == 0 and example_outputs is not None:
+                    self.outputs.append(example_outputs)
+                    continue
                 try:
                     self.outputs.append(original(*_copies(a), **_copies(k)))
                 except Exception as err:
@@ -368,31 +376,42 @@ class Reference:
                                       f"({type(err).__name__}), so they were not compared")
                     self.sets, self.speculative = self.sets[:i], self.speculative[:i]
                     break
-            if original64 is None:
-                self.outputs64 = self.outputs
-                return
-            try:
-                for a, k in self.sets:
-                    self.outputs64.append(original64(*_copies(pytree.tree_map(_float64, a)),
-                                                     **_copies(pytree.tree_map(_float64, k))))
-                if any(pytree.tree_structure(x) != pytree.tree_structure(y)
-                       for x, y in zip(self.outputs, self.outputs64)):
-                    raise TypeError("its outputs have another structure in float64")
-            except Exception as err:
-                self.outputs64, self.calibrated = self.outputs, False
-                first = str(err).splitlines()[0][:120] if str(err) else ""
-                self.notes.append(f"the model does not run in float64 ({type(err).__name__}: {first}), so the "
-                                  "allowed error is the dtype floor")
+
+    @property
+    def outputs64(self) -> list[Any]:
+        """The float64 outputs, run on first use (the own-dtype ones where the model is float64 already or does
+        not run in float64)."""
+        if self._outputs64 is None:
+            self._outputs64 = self._run64()
+        return self._outputs64
+
+    @torch.no_grad()
+    def _run64(self) -> list[Any]:
+        """The float64 twin's outputs on the trial sets, or the own-dtype ones (and a note) where it fails."""
+        try:
+            outputs = [self._original64(*_copies(pytree.tree_map(_float64, a)), **_copies(pytree.tree_map(_float64, k)))
+                       for a, k in self.sets]
+            if any(pytree.tree_structure(x) != pytree.tree_structure(y) for x, y in zip(self.outputs, outputs)):
+                raise TypeError("its outputs have another structure in float64")
+            return outputs
+        except Exception as err:
+            self.calibrated = False
+            first = str(err).splitlines()[0][:120] if str(err) else ""
+            self.notes.append(f"the model does not run in float64 ({type(err).__name__}: {first}), so the allowed "
+                              "error is the dtype floor")
+            return self.outputs
 
     def check(self, candidate: Callable[..., Any]) -> Verification:
-        """Run ``candidate`` in its own dtype on the trial inputs and compare it with the reference per channel.
+        """Run ``candidate`` in its own dtype on the trial inputs and compare it with the reference per channel:
+        first with the original's own-dtype outputs (the quick check, :data:`QUICK`), then, only where that
+        does not settle it, with the float64 ones.
 
         Never ok where no element could be compared (every output empty, or the only non-empty inputs are at
         a shape the capture did not promise and the candidate does not run there).
         """
-        sums: dict[tuple, _Sums] = {}
-        runs, shapes, notes = 0, set(), list(self.notes)
-        for (a, k), orig, ref, speculative in zip(self.sets, self.outputs, self.outputs64, self.speculative):
+        runs: list[tuple[int, Any, str]] = []  # (trial set, candidate's outputs, input shapes)
+        notes = list(self.notes)
+        for i, ((a, k), speculative) in enumerate(zip(self.sets, self.speculative)):
             try:
                 with torch.no_grad():
                     out = candidate(*_copies(a), **_copies(k))
@@ -403,18 +422,32 @@ class Reference:
                                  f"the capture did not promise ({type(err).__name__})")
                     continue
                 return self._failed(f"the optimized module raised {type(err).__name__} on inputs of shape "
-                                    f"{_describe((a, k))}: {first}", runs, len(shapes))
-            runs += 1
-            shapes.add(_describe((a, k)))
-            why = compare_outputs(orig, ref, out, sums, floor=self.floor)
+                                    f"{_describe((a, k))}: {first}", len(runs), len({r[2] for r in runs}))
+            runs.append((i, out, _describe((a, k))))
+        quick = self._compare(runs, self.outputs, notes, QUICK)
+        if quick.ok or not quick.checked or math.isinf(quick.error):
+            return quick
+        reference = self.outputs64  # the float64 run, made on first use
+        notes += [n for n in self.notes if n not in notes]
+        return self._compare(runs, reference, notes, 1.0, calibrated=self.calibrated)
+
+    def _compare(self, runs: list[tuple[int, Any, str]], reference: list[Any], notes: list[str],
+                 floor_scale: float, *, calibrated: bool = False) -> Verification:
+        """Compare every run's outputs with ``reference`` (per trial set) channel by channel, allowed
+        ``floor_scale`` x the floor (and, where ``calibrated``, ``K`` x the original's own rounding)."""
+        sums: dict[tuple, _Sums] = {}
+        for n, (i, out, shape) in enumerate(runs, 1):
+            why = compare_outputs(self.outputs[i], reference[i], out, sums, floor=self.floor, floor_scale=floor_scale)
             if why:
-                return self._failed(f"{why} (inputs of shape {_describe((a, k))})", runs, len(shapes))
-        worst, elements, ill = _worst(sums, self.calibrated)
+                return self._failed(f"{why} (inputs of shape {shape})", n, len({r[2] for r in runs[:n]}))
+        worst, elements, ill = _worst(sums, calibrated)
         if elements == 0:
             return not_checked("no output element could be compared (" + ("; ".join(notes) or "every output is empty")
                                + ")")
-        return Verification(worst.error, worst.allowed, runs, len(shapes), output=worst.output,
-                            channel=worst.channel, basis=worst.basis, elements=elements, ill_conditioned=ill,
+        basis = worst.basis if floor_scale == 1.0 else f"{worst.basis.replace('the ', '', 1)} x {floor_scale}, " \
+            "against the original's own outputs: no float64 run needed"
+        return Verification(worst.error, worst.allowed, len(runs), len({r[2] for r in runs}), output=worst.output,
+                            channel=worst.channel, basis=basis, elements=elements, ill_conditioned=ill,
                             note="; ".join(notes))
 
     def _failed(self, why: str, runs: int, shapes: int) -> Verification:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxreparam import cost, evaluate
+from fxreparam import cost, evaluate, ops
 from fxreparam.graph import position
 from fxreparam.registry import PassContext, register_pass
 
@@ -31,7 +31,8 @@ def _constant_nodes(graph: fx.Graph) -> set[fx.Node]:
 
 
 def _numel(value: Any) -> int:
-    return value.numel() if isinstance(value, torch.Tensor) else 0
+    """Stored floating-point elements (index tensors are not weights)."""
+    return value.numel() if isinstance(value, torch.Tensor) and value.is_floating_point() else 0
 
 
 @register_pass("fold_constants", "evaluate parameter-only subgraphs (Dirac, weight norm, parametrize) once into "
@@ -42,7 +43,7 @@ def fold_constants(ctx: PassContext) -> int:
     # The values a data-dependent op reads: computed constants with a consumer outside the constant set.
     boundary = [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
     env: dict[fx.Node, Any] = {}
-    leaves: dict[fx.Node, int] = {}  # stored elements each constant comes from (an upper bound)
+    leaves: dict[fx.Node, int] = {}  # stored floating elements each constant comes from (an upper bound)
 
     def ancestors(root: fx.Node) -> list[fx.Node]:
         seen, stack = set(), [root]
@@ -65,7 +66,8 @@ def fold_constants(ctx: PassContext) -> int:
         value = env[node]
         if not isinstance(value, torch.Tensor) or value.is_sparse:
             continue
-        why = cost.why_not_stored(value.numel(), leaves[node])
+        kernel = all(u in const or ops.reads_as_kernel(u, node) for u in node.users)
+        why = cost.why_not_stored(value.numel(), leaves[node], kernel=kernel)
         if why is not None:
             ctx.refuse(node, f"constant {node.name} is computed in forward: {why}")
             continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import fx
 
 from fxreparam import ops
-from fxreparam.graph import replace
 from fxreparam.registry import PassContext, register_pass
 
 
@@ -20,5 +19,6 @@ def inference_identities(ctx: PassContext, node: fx.Node) -> bool:
     source = ops.inference_identity(ctx.gm, node)
     if source is None:
         return False
-    replace(node, source)
+    node.replace_all_uses_with(source)
+    ctx.gm.graph.erase_node(node)  # dropout is seeded-random, so dead-code elimination keeps it: it is the identity
     return True

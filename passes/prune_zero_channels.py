@@ -61,8 +61,8 @@ def _consumers(ctx: PassContext, node: fx.Node, channels: int, axis: int) -> tup
                                       "inputs that read them")
 def prune_zero_channels(ctx: PassContext, node: fx.Node) -> bool:
     layer = ops.weighted(ctx.gm, node)
-    if layer is None or layer.transposed:
-        return False
+    if layer is None or layer.transposed or (layer.bias is not None and bool(layer.bias.all())):
+        return False  # a non-zero bias on every channel: no channel is zero (and no weight needs scanning)
     zero = (layer.weight.flatten(1) == 0).all(1)
     if layer.bias is not None:
         zero &= layer.bias == 0

@@ -84,6 +84,7 @@ def test_progress_logs_each_step_with_its_time(capsys):
     for step in ("capturing", "captured", "passes", "verified"):
         assert f"fxreparam: {step}" in err or step in err, step
     assert " s" in err and logging.getLogger("fxreparam").level == level
+    assert "fxreparam: passes, round 1" in err and "pass" in err  # tqdm's bar over the passes of each round
     fxreparam.optimize(conv_bn(), torch.randn(2, 3, 6, 6))
     assert "fxreparam:" not in capsys.readouterr().err
 
@@ -92,3 +93,19 @@ def test_optimize_documents_its_arguments():
     doc = fxreparam.optimize.__doc__
     for section in ("Args:", "Returns:", "Raises:", "progress:", "backend_options:", "tolerance:"):
         assert section in doc
+
+
+def test_without_example_inputs_the_report_says_what_inputs_would_add():
+    class Block(nn.Module):  # a RepVGG-style block with an identity BN after an in-place activation
+        def __init__(self):
+            super().__init__()
+            self.act, self.conv, self.bn, self.id_bn = nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), \
+                nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.act(x)
+            return self.bn(self.conv(x)) + self.id_bn(x)
+
+    text = str(fxreparam.report(fxreparam.optimize(Block().eval())))
+    assert "no example inputs" in text and "optimize(model, example_inputs) folds more" in text
+    assert "verification: skipped" in text

@@ -188,3 +188,46 @@ def test_a_region_failing_verification_compiles_without_the_culprit_and_warns():
     finally:
         fxreparam.unregister_pass("scale_region_output")
         torch._dynamo.reset()
+
+
+class _InPlaceBlocks(nn.Module):
+    """RepVGG-style blocks written the way Dynamo keeps them: ``out += ...`` and in-place activations."""
+
+    def __init__(self, c: int = 4, blocks: int = 2):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, bias=False) for _ in range(blocks))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(blocks))
+        self.ids = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(blocks))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        for conv, bn, identity in zip(self.convs, self.bns, self.ids):
+            out = bn(conv(x))
+            out += identity(x)
+            x = self.act(out)
+        return x
+
+
+def test_backend_folds_regions_with_in_place_writes_completely():
+    torch._dynamo.reset()
+    model = randomize_batch_norms(_InPlaceBlocks()).eval()
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(model(x), compiled(x)) < 1e-5
+    after = fxreparam.region_reports()[-1].after
+    assert (after.conv, after.batch_norm, after.add_sub) == (2, 0, 0)
+
+
+def test_backend_compiles_a_real_model_with_inductor():
+    """timm's MobileOne: its folded region once crashed Inductor's conv-BN passes (modules beside functional BNs)."""
+    timm = pytest.importorskip("timm")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_batch_norms(timm.create_model("mobileone_s0", pretrained=False)).eval()
+    compiled = torch.compile(model, backend="fxreparam")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(model(x), compiled(x)) < 1e-5
+    report = fxreparam.region_reports()[-1]
+    assert report.after.batch_norm == 0 and report.after.conv == 43 and "compiled unfolded" not in str(report)

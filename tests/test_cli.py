@@ -1,15 +1,29 @@
-"""The command line: optimize and bench a model from a file with saved weights, and the benchmark script."""
+"""The command line: optimize and bench a model from a file, one-line errors, help text, several inputs, dtype and
+device, a report for every backend, and the benchmark script.
+
+Most tests call ``fxreparam.cli.main`` in this process (a subprocess pays several seconds of imports on this
+machine); the first two run the installed module as a subprocess, end to end.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
+import fxreparam
+from fxreparam import deploy
+from fxreparam.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
+SYMBOLIC = re.compile(r"\b[su]\d+\b")  # torch's symbolic sizes (s77) must never reach a user
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -17,16 +31,63 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=600, cwd=cwd)
 
 
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``fxreparam ARGS`` in this process: exit code, stdout, stderr."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def _model_file(tmp_path: Path) -> Path:
     path = tmp_path / "mymodel.py"
     path.write_text(textwrap.dedent("""
+        import torch
         import torch.nn as nn
 
         def build():
             return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                  nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+        class TwoInputs(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3, padding=1)
+                self.bn = nn.BatchNorm2d(4)
+                self.embed = nn.Embedding(5, 4)
+
+            def forward(self, x, tokens):
+                return self.bn(self.conv(x)).mean((2, 3)) + self.embed(tokens).sum(1)
+
+        def two():
+            return TwoInputs()
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                if x.sum() > 0:
+                    return self.conv(x)
+                return -self.conv(x)
+
+        def branchy():
+            return Branchy()
     """))
     return path
+
+
+def _one_error_line(err: str) -> str:
+    """The stderr of a failed command, which must be exactly one line (run with --quiet): that line."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert re.match(r"fxreparam( \w+)?: error: ", lines[0]), lines[0]
+    assert not SYMBOLIC.search(lines[0]), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------- end to end
 
 
 def test_optimize_a_file_model_with_weights_and_save_it(tmp_path):
@@ -44,32 +105,255 @@ def test_optimize_a_file_model_with_weights_and_save_it(tmp_path):
     out = run("optimize", f"{path}:build", "--input", "1x3x16x16", "--weights", str(tmp_path / "weights.pt"),
               "--out", str(tmp_path / "folded.pt2"))
     assert out.returncode == 0, out.stderr
-    assert "verification: ok" in out.stdout and "saved:" in out.stdout
+    assert "verification: ok" in out.stdout and "saved:" in out.stdout and "torch.export program" in out.stdout
     assert "capturing" in out.stderr  # progress goes to stderr
     loaded = torch.export.load(str(tmp_path / "folded.pt2")).module()
     x = torch.randn(1, 3, 16, 16)
     model.eval()
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    assert deploy._kind(tmp_path / "folded.pt2") == "program"
 
 
-def test_bench_prints_a_speedup_table(tmp_path):
-    out = run("bench", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--repeat", "3")
-    assert out.returncode == 0, out.stderr
-    assert "original  eager" in out.stdout and "folded    eager" in out.stdout and "x" in out.stdout
+def test_a_failure_is_one_line_in_a_real_process(tmp_path):
+    """A real process: no traceback, one line naming the problem, exit code 2 for a wrong argument."""
+    path = _model_file(tmp_path)
+    out = run("optimize", f"{path}:build", "--input", "1x3x16x16", "--weights", str(tmp_path / "missing.pt"),
+              "--quiet")
+    assert out.returncode == 2
+    assert "--weights" in _one_error_line(out.stderr) and "no such file" in out.stderr
 
 
-def test_bad_model_spec_is_a_clear_error(tmp_path):
-    out = run("optimize", "nonsense", "--input", "1x3x8x8")
-    assert out.returncode != 0 and "timm:NAME" in out.stderr
-    out = run("optimize", f"{tmp_path / 'missing.py'}:build", "--input", "1x3x8x8")
-    assert out.returncode != 0 and "no such file" in out.stderr
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    code, _, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--weights",
+                       str(tmp_path / "missing.pt"), "--quiet", "--debug")
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("fxreparam: error: --weights")
 
 
-def test_passes_lists_every_registered_pass():
-    out = run("passes")
-    assert out.returncode == 0
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _other_weights(tmp_path: Path) -> Path:
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)).state_dict(), path)
+    return path
+
+
+def _pickled_model(tmp_path: Path) -> Path:
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), path)
+    return path
+
+
+ERRORS = [  # (id, arguments after MODEL as a function of tmp_path, exit code, phrases the line must hold)
+    ("wrong channels", lambda p: ["--input", "1x4x16x16"], 2, ["4 channels", "[N, 3, H, W]", "--input"]),
+    ("wrong rank", lambda p: ["--input", "16x16"], 2, ["[16, 16]", "[N, 3, H, W]", "--input"]),
+    ("int64 input", lambda p: ["--input", "1x3x16x16:int64"], 2, ["torch.int64", "--input"]),
+    ("too many inputs", lambda p: ["--input", "1x3x16x16", "--input", "1x10"], 2,
+     ["takes 1 positional input", "one --input per input"]),
+    ("missing weights", lambda p: ["--input", "1x3x16x16", "--weights", str(p / "nope.pt")], 2, ["no such file"]),
+    ("weights of another model", lambda p: ["--input", "1x3x16x16", "--weights", str(_other_weights(p))], 2,
+     ["does not fit", "'0.weight': [5, 3, 3, 3] in the file, [8, 3, 3, 3] in the model", "missing from the file",
+      "another model"]),
+    ("a pickled model as weights", lambda p: ["--input", "1x3x16x16", "--weights", str(_pickled_model(p))], 2,
+     ["torch.nn.modules.container.Sequential", "torch.save(model.state_dict(), path)"]),
+    ("an unknown pass", lambda p: ["--input", "1x3x16x16", "--skip", "conv_bnn"], 2,
+     ["no pass named 'conv_bnn'", "conv_bn"]),
+    ("a bad shape", lambda p: ["--input", "1x3xa"], 2, ["expected a shape like 1x3x224x224"]),
+    ("an unknown device", lambda p: ["--input", "1x3x16x16", "--device", "gpu"], 2, ["expected a device like cpu"]),
+    ("--out in a missing folder", lambda p: ["--input", "1x3x16x16", "--out", str(p / "no" / "m.pt2")], 2,
+     ["does not exist"]),
+]
+
+
+@pytest.mark.parametrize(("make_args", "code", "phrases"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_errors_are_one_line_with_the_fix(tmp_path, capsys, make_args, code, phrases):
+    got, _, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", *make_args(tmp_path), "--quiet")
+    line = _one_error_line(err)
+    assert got == code, line
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)
+
+
+@pytest.mark.parametrize(("model", "phrases"), [
+    ("timm:repvgg_a00", ["timm has no model 'repvgg_a00'", "did you mean repvgg_a0", "timm.list_models()"]),
+    ("torchvision:resnet_18", ["torchvision has no model 'resnet_18'", "resnet18"]),
+    ("nonsense", ["MODEL must be timm:NAME, torchvision:NAME or path/to/file.py:factory"]),
+    ("missing.py:build", ["no such file"]),
+])
+def test_an_unknown_model_is_one_line_with_close_names(capsys, model, phrases):
+    code, _, err = cli(capsys, "optimize", model, "--input", "1x3x16x16", "--quiet")
+    line = _one_error_line(err)
+    assert code == 2
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)
+
+
+def test_a_file_without_the_factory_lists_what_it_defines(tmp_path, capsys):
+    code, _, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:bild", "--input", "1x3x16x16", "--quiet")
+    assert code == 2 and "has no function 'bild'; it defines build" in _one_error_line(err)
+
+
+def test_a_model_that_cannot_be_captured_is_one_line(tmp_path, capsys):
+    """torch.export prints the partial graph to stderr; the command line shows the one-line reason only."""
+    code, _, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:branchy", "--input", "1x3x16x16", "--quiet")
+    line = _one_error_line(err)
+    assert code == 1 and "branches on a tensor's value" in line and "if x.sum() > 0" in line and "Remedy" in line
+
+
+def test_device_cuda_runs_or_says_it_is_not_available(tmp_path, capsys):
+    code, out, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--device",
+                         "cuda", "--quiet")
+    if torch.cuda.is_available():
+        assert code == 0 and "verification: ok" in out, err
+    else:
+        line = _one_error_line(err)
+        assert code == 2 and "CUDA is not available" in line and "--device cpu" in line
+
+
+# ----------------------------------------------------------------------------------------------- help
+
+
+def _options_without_help(text: str) -> list[str]:
+    """Entries of the option and argument sections of an argparse --help output that have no help text (on their
+    line, or on the next line indented further)."""
+    lines = text.splitlines()
+    missing, section = [], False
+    for i, line in enumerate(lines):
+        if re.match(r"^(options|optional arguments|positional arguments):$", line):
+            section = True
+        elif not line.strip():
+            section = False
+        elif section and re.match(r"^  \S", line):
+            has_text = re.match(r"^  \S.*?\s{2,}\S", line) is not None
+            continued = i + 1 < len(lines) and re.match(r"^\s{4,}\S", lines[i + 1]) is not None
+            if not (has_text or continued):
+                missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["optimize"], ["bench"], ["passes"]])
+def test_help_is_plain_text_and_every_option_has_help(capsys, command):
+    assert _options_without_help("options:\n  --seed SEED\n  --x X  text\n") == ["--seed SEED"]  # the check works
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0 and "usage: fxreparam" in out
+    assert "``" not in out and ":func:" not in out and ":mod:" not in out, out
+    options = [line for line in out.splitlines() if re.match(r"^  -", line)]
+    assert options and not _options_without_help(out), _options_without_help(out)
+    if command in (["optimize"], ["bench"]):
+        for option in ("--input", "--dtype", "--device", "--capture", "--backend", "--seed", "--threads", "--quiet",
+                       "--debug", "--skip", "--weights"):
+            assert option in out, option
+
+
+# ----------------------------------------------------------------------------------------------- inputs, dtype
+
+
+def test_several_inputs_an_integer_input_and_a_dtype(tmp_path, capsys):
+    out_path = tmp_path / "two.pt2"
+    code, out, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:two", "--input", "2x3x16x16", "--input",
+                         "2x7:int64", "--dtype", "float64", "--out", str(out_path))
+    assert code == 0, err
+    assert "verification: ok" in out and "capturing" in err  # progress on stderr unless --quiet
+    loaded = fxreparam.load(out_path)
+    x, tokens = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (2, 7))
+    assert loaded(x, tokens).dtype == torch.float64
+
+
+def test_bench_prints_a_speedup_table_with_threads_and_dtype(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    code, out, err = cli(capsys, "bench", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--repeat", "3",
+                         "--threads", "1", "--dtype", "bfloat16", "--quiet")
+    assert code == 0, err
+    assert err == ""  # --quiet: no progress lines
+    assert "bfloat16, cpu, 1 thread, median of 3" in out  # "1 thread", not "1 threads"
+    assert "original  eager" in out and "folded    eager" in out
+    assert torch.get_num_threads() == threads  # --threads lasts for the command only
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+
+def test_report_for_backend_inductor(tmp_path, capsys):
+    code, out, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--backend",
+                         "inductor", "--quiet")
+    assert code == 0, err
+    assert "fxreparam report for Sequential" in out and "verification: ok" in out
+    assert re.search(r"inductor: compiled with freezing .* difference to the folded eager model", out)
+
+
+def test_report_for_backend_aot_inductor(tmp_path, capsys, monkeypatch):
+    """The report prints for every backend (AOTInductor's result is a runner, which carries none); the package
+    build itself is replaced here (the slow test below builds one)."""
+    built = []
+
+    def fake_aot_inductor(folded, example_inputs, path):
+        built.append(path)
+        return (lambda *args: folded(*args)), Path(path)
+
+    monkeypatch.setattr(deploy, "aot_inductor", fake_aot_inductor)
+    code, out, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--backend",
+                         "aot_inductor", "--out", str(tmp_path / "m.pt2"), "--quiet")
+    assert code == 0, err
+    assert "fxreparam report for Sequential" in out and "verification: ok" in out
+    assert f"saved: {tmp_path / 'm.pt2'} (an AOTInductor package" in out and built
+
+
+def test_tensorrt_without_torch_tensorrt_says_what_to_install_before_folding(tmp_path, capsys):
+    if importlib.util.find_spec("torch_tensorrt") is not None:
+        pytest.skip("torch-tensorrt is installed here")
+    code, _, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--backend",
+                       "tensorrt", "--quiet")
+    assert code == 2 and "pip install 'fxreparam[tensorrt]'" in _one_error_line(err)
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_from_the_command_line_loads_with_fxreparam_load(tmp_path, capsys):
+    """About 30 s on the 2-core machine: one AOTInductor build."""
+    path = tmp_path / "m.pt2"
+    code, out, err = cli(capsys, "optimize", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--backend",
+                         "aot_inductor", "--out", str(path), "--quiet")
+    assert code == 0, err
+    assert "fxreparam report for Sequential" in out and "AOTInductor package" in out
+    assert deploy._kind(path) == "aot_inductor"
+    runner = fxreparam.load(path)
+    assert runner(torch.randn(3, 3, 16, 16)).shape == (3, 8, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def test_load_says_what_a_file_is(tmp_path):
+    """Both artifacts are .pt2 zip archives: load tells them apart by content and names anything else."""
+    fake = tmp_path / "fake.pt2"  # an AOTInductor package's layout, with no compiled model in it
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr("fake/data/aotinductor/model/x.wrapper.cpp", "")
+        archive.writestr("fake/archive_format", "pt2")
+    assert deploy._kind(fake) == "aot_inductor"
+    with pytest.raises(fxreparam.FxReparamError, match=r"is an AOTInductor package, but torch .* could not load it"):
+        fxreparam.load(fake)
+    state = tmp_path / "weights.pt2"
+    torch.save({"w": torch.zeros(2)}, state)
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    text = tmp_path / "notes.pt2"
+    text.write_text("hello")
+    for path, phrase in [(state, "a torch.save file"), (other, "neither kind (1 entries"), (text, "not a zip archive"),
+                         (tmp_path / "missing.pt2", "no such file"), (tmp_path, "a directory")]:
+        with pytest.raises(fxreparam.FxReparamError) as info:
+            fxreparam.load(path)
+        assert phrase in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- passes, benchmark
+
+
+def test_passes_lists_every_registered_pass(capsys):
+    code, out, _ = cli(capsys, "passes")
+    assert code == 0
     for name in ("fold_constants", "conv_bn", "branch_sum", "identity", "sequential", "prune_zero_channels", "cleanup"):
-        assert name in out.stdout
+        assert name in out
 
 
 def test_compare_benchmark_cpu_quick(tmp_path):

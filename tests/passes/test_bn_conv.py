@@ -1,6 +1,8 @@
 """``bn_conv`` alone on small graphs: an affine map before a conv or linear layer goes into its kernel, where exact."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxreparam.testing import run_pass
@@ -29,3 +31,35 @@ def test_bn1d_before_linear_folds():
 def test_bn_before_transposed_conv_is_refused():
     run = run_pass("bn_conv", nn.Sequential(nn.BatchNorm2d(2), nn.ConvTranspose2d(2, 2, 3)), torch.randn(1, 2, 4, 4))
     assert run.rewrites == 0 and "transposed" in run.reasons
+
+
+class _PoolHead(nn.Module):
+    """BN, then an average over positions and a flatten, then a classifier: the BN folds into the classifier."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.bn, self.reduce, self.fc = nn.BatchNorm2d(4), reduce, nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.reduce(self.bn(x)))
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda x: x.mean((2, 3)),
+    lambda x: torch.mean(x, dim=(-1, -2), keepdim=True).flatten(1),
+    nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+    lambda x: F.adaptive_avg_pool2d(x, 1).view(x.shape[0], -1),
+], ids=["mean", "mean-keepdim-flatten", "adaptive-pool-module", "adaptive-pool-view"])
+def test_bn_folds_across_a_global_average_into_the_classifier(reduce):
+    run = run_pass("bn_conv", _PoolHead(reduce), torch.randn(2, 4, 5, 5))
+    assert run.rewrites == 1 and run.error < 1e-6 and not run.layers(nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda x: x.mean(1).flatten(1)[:, :4],           # averages over the channels: mixes them
+    lambda x: F.adaptive_avg_pool2d(x, 2).flatten(1)[:, :4],  # the flatten merges each channel's 4 positions
+    lambda x: F.avg_pool2d(x, 5, padding=1).flatten(1),       # zero padding counted in the average
+], ids=["channel-mean", "flatten-of-positions", "padded-average"])
+def test_bn_stays_where_the_op_between_does_not_keep_channels_whole(reduce):
+    run = run_pass("bn_conv", _PoolHead(reduce), torch.randn(2, 4, 5, 5))
+    assert run.rewrites == 0 and run.error < 1e-6

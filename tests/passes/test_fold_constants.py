@@ -52,3 +52,24 @@ class _Noisy(nn.Module):
 def test_random_op_is_not_frozen():
     gm = run_pass("fold_constants", _Noisy(), torch.zeros(1, 3, 2, 2)).gm
     assert any(n.target is torch.poisson for n in gm.graph.nodes)
+
+
+class _GatheredBias(nn.Module):
+    """An attention bias gathered from a small table by stored indices (LeViT-style), and a kernel padded to 5x5."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2, 9))
+        self.register_buffer("idxs", torch.randint(0, 9, (16, 16)))
+        self.small = nn.Parameter(torch.randn(4, 2, 3, 3))
+
+    def forward(self, x):  # x: [B, 2, 4, 4]
+        attn = x.flatten(2).transpose(1, 2) @ x.flatten(2) + self.table[:, self.idxs].sum(0)  # [B, 16, 16]
+        return F.conv2d(x, F.pad(self.small, (1, 1, 1, 1)), padding=2), attn
+
+
+def test_only_a_kernel_may_grow_when_it_is_precomputed():
+    run = run_pass("fold_constants", _GatheredBias(), torch.randn(1, 2, 4, 4))
+    assert run.error < 1e-6
+    assert run.rewrites == 1  # the padded kernel: the conv reads it whole every call anyway
+    assert "would grow to 256 stored elements from 18" in run.reasons  # the gathered bias stays in forward

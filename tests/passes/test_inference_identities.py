@@ -26,3 +26,15 @@ class _Functional(nn.Module):
 def test_functional_dropout_goes_only_when_not_training():
     run = run_pass("inference_identities", _Functional(), torch.zeros(2, 4))
     assert run.rewrites == 1  # training=self.training is False in eval; training=True stays (it is random)
+
+
+def test_exported_dropout_goes_and_the_pipeline_reaches_a_fixpoint():
+    """torch.export keeps ``aten.dropout(x, p, False)``; dead-code elimination keeps it too (it is seeded-random),
+    so the pass must erase it itself, or it would match again every round until the round limit."""
+    import fxreparam
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.BatchNorm1d(8)).eval()
+    folded = fxreparam.optimize(model, torch.randn(2, 4))
+    rep = fxreparam.report(folded)
+    assert rep.rounds == 2 and rep.rewrites["inference_identities"] <= 1
+    assert not any("dropout" in str(n.target) for n in folded.graph.nodes)
