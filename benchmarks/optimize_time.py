@@ -1,15 +1,18 @@
-"""Capture and optimize time against depth, for DiracNet-style plain nets.
+"""What ``fxreparam.optimize`` costs: against ``torch.export`` alone on real models, and against depth.
 
-Prints one row per capture path and depth: capture seconds, pass-pipeline seconds, the
-whole optimize call, and the verification on top (per channel, against float64); all must grow linearly with depth.
+First, for resnet50, timm repvgg_b1 and mobileone_s0 at 1x3x224x224, one thread: ``torch.export`` alone, then
+the whole ``optimize`` call (capture, passes, verification included) and its parts, and the ratio
+optimize / export. Then one row per capture path and depth of a DiracNet-style plain net: capture seconds,
+pass-pipeline seconds, the whole optimize call, and the verification on top; all must grow linearly with depth.
 
-    python benchmarks/optimize_time.py [--depths 100 250 500 1000] [--width 0.125]
+    python benchmarks/optimize_time.py [--models resnet50 repvgg_b1 mobileone_s0] [--depths 100 250 500 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from datetime import date
 
@@ -17,7 +20,7 @@ import torch
 
 import fxreparam
 from fxreparam.demo import DiracNet
-from fxreparam.testing import calibrate_batch_norms
+from fxreparam.testing import calibrate_batch_norms, randomize_batch_norms
 from fxreparam.verify import verify
 
 
@@ -45,9 +48,44 @@ def measure(depth: int, width: float, size: int, capture: str) -> dict[str, floa
     }
 
 
+def real_model(name: str) -> torch.nn.Module:
+    """``torchvision:NAME`` for resnets, else timm's model, with random BN statistics."""
+    torch.manual_seed(0)
+    if name.startswith("resnet"):
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    return randomize_batch_norms(model).eval()
+
+
+def against_export(name: str, repeat: int) -> dict[str, float]:
+    """Median seconds of ``torch.export`` alone and of ``optimize`` (verification on) over ``repeat`` runs each,
+    alternating; the parts of the last optimize call from its report."""
+    model, x = real_model(name), torch.randn(1, 3, 224, 224)
+    exports, optimizes = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        torch.export.export(model, (x,), strict=False)
+        exports.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        folded = fxreparam.optimize(model, x)
+        optimizes.append(time.perf_counter() - start)
+    rep = fxreparam.report(folded)
+    return {"export": statistics.median(exports), "optimize": statistics.median(optimizes),
+            "capture": rep.capture_seconds, "passes": sum(p.seconds for p in rep.passes),
+            "verify": rep.verify_seconds, "check": str(rep.verification).split(":")[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", type=int, nargs="+", default=[100, 250, 500, 1000])
+    parser.add_argument("--models", nargs="*", default=["resnet50", "repvgg_b1", "mobileone_s0"],
+                        help="real models timed against torch.export at 224x224, one thread (none: skip)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of export and optimize per real model")
+    parser.add_argument("--depths", type=int, nargs="*", default=[100, 250, 500, 1000])
     parser.add_argument("--width", type=float, default=0.125, help="group widths are 64, 128, 256, 512 times this")
     parser.add_argument("--size", type=int, default=64, help="input height and width")
     parser.add_argument("--capture", nargs="+", default=["symbolic_trace", "export"],
@@ -57,6 +95,19 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# DiracNet-style plain net, width {args.width}, input 1x3x{args.size}x{args.size}, float32, CPU")
     print("# optimize s = capture + passes + finalize (verify=False); verify s = the check on top")
+    if args.models:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        print("# real models, 1x3x224x224, one thread, random BN statistics, median of "
+              f"{args.repeat}; optimize = capture + passes + verification (+ finalize)")
+        print("| model | torch.export s | optimize s | optimize / export | capture s | passes s | verify s | "
+              "verification |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in args.models:
+            r = against_export(name, args.repeat)
+            print(f"| {name} | {r['export']:.2f} | {r['optimize']:.2f} | {r['optimize'] / r['export']:.2f} | "
+                  f"{r['capture']:.2f} | {r['passes']:.2f} | {r['verify']:.2f} | {r['check']} |", flush=True)
+        torch.set_num_threads(threads)
     header = ("capture with", "depth", "graph ops", "capture s", "passes s", "optimize s", "passes ms/layer",
               "verify s", "worst channel err", "convs", "BNs left")
     print("| " + " | ".join(header) + " |")

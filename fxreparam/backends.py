@@ -144,7 +144,8 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     if inner not in INNER_COMPILERS:
         raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
     start = time.perf_counter()
-    _, keep = freeze(copy.deepcopy(gm), example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    keep = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _stored_tensor(n, x) is None]
     capture_seconds = time.perf_counter() - start
     passes = list_passes()
     folded, before, passlog = _fold(gm, example_inputs, passes)
