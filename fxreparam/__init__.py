@@ -18,6 +18,7 @@ from .backends import fxreparam_backend, region_reports
 from .capture import capture
 from .deploy import export_onnx, load, save
 from .errors import CaptureError, CaptureInputError, FxReparamError, ShapeError, VerificationError
+from .expand import expand
 from .graph import emit
 from .pipeline import BUILTIN_ORDER
 from .registry import (
@@ -56,6 +57,7 @@ __all__ = [
     "cost",
     "count_ops",
     "emit",
+    "expand",
     "export_onnx",
     "fxreparam_backend",
     "get_pass",

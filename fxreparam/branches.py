@@ -396,7 +396,7 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         first_read = min(source.users, key=position)  # where the branches first read it
         before = first_read if position(first_read) < position(root) else root
         new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
-                                       storage=merged.storage, name=merged.name), 1.0))
+                                       storage=merged.storage, name=merged.name, like=root), 1.0))
     for source, members in ([] if with_identity else _linear_terms(ctx.gm, terms).items()):
         if len(members) < 2 or ops.opaque(source):
             continue
@@ -404,7 +404,7 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         first = min((layer.node for _, layer, _ in members), key=position)
         name = _common_path([layer.name for _, layer, _ in members]) or members[0][1].name
         new_parts.append((insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,
-                                       storage=members[0][1].storage, name=name), 1.0))
+                                       storage=members[0][1].storage, name=name, like=root), 1.0))
         merged_terms.update(i for i, _, _ in members)
     if not new_parts:
         return False

@@ -78,11 +78,12 @@ def _shared_target(gm: fx.GraphModule, mod: nn.Module) -> str:
 
 
 def insert_layer(gm: fx.GraphModule, spec: Spec, weight: torch.Tensor, bias: torch.Tensor | None, *,
-                 input: fx.Node, before: fx.Node, storage: Storage, name: str) -> fx.Node:
+                 input: fx.Node, before: fx.Node, storage: Storage, name: str, like: fx.Node) -> fx.Node:
     """A new layer ``spec`` with the given kernel, reading ``input``, placed just before ``before``.
 
-    It carries ``before``'s metadata and the model path ``name`` for the final module tree. A conv kernel is
-    stored at its coarsest exact grouping (REPARAM §9), so no fold leaves a block-diagonal kernel dense.
+    It carries the metadata (shape, dtype) of ``like``, the node whose value it computes, and the model path
+    ``name`` for the final module tree. A conv kernel is stored at its coarsest exact grouping (REPARAM §9), so
+    no fold leaves a block-diagonal kernel dense.
     """
     if isinstance(spec, ConvSpec) and not spec.transposed:
         weight, groups = algebra.coarsest_groups(weight, spec.groups)
@@ -90,7 +91,7 @@ def insert_layer(gm: fx.GraphModule, spec: Spec, weight: torch.Tensor, bias: tor
     target = _shared_target(gm, build_module(spec, weight, bias, storage))
     with gm.graph.inserting_before(before):
         new = call_module(gm.graph, target, input, name)
-    new.meta.update({k: v for k, v in before.meta.items() if k != "fxreparam_written"})
+    new.meta.update({k: v for k, v in like.meta.items() if k != "fxreparam_written"})
     new.meta["fxreparam_path"] = name
     return new
 
@@ -113,7 +114,7 @@ def emit(gm: fx.GraphModule, spec: Spec, weight: torch.Tensor, bias: torch.Tenso
         The new ``call_module`` node. An equal kernel emitted before is reused, never stored twice.
     """
     new = insert_layer(gm, spec, weight, bias, input=input, before=at or replaces, storage=storage,
-                       name=name or module_path(replaces))
+                       name=name or module_path(replaces), like=replaces)
     replace(replaces, new)
     return new
 

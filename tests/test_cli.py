@@ -356,6 +356,7 @@ def test_passes_lists_every_registered_pass(capsys):
         assert name in out
 
 
+@pytest.mark.slow  # about a minute of Inductor compiles
 def test_compare_benchmark_cpu_quick(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)

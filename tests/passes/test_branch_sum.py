@@ -132,3 +132,23 @@ class _TwoNorms(nn.Module):
 def test_sum_of_norms_without_a_conv_stays_elementwise():
     run = run_pass("branch_sum", _TwoNorms(), torch.randn(2, 3, 5))
     assert (run.rewrites, run.count("conv")) == (0, 0)
+
+
+def test_the_merged_conv_carries_the_sum_s_shape_not_its_first_reader_s():
+    """A shape query (``x.shape[0]``) that reads the source first must not lend its metadata to the merged conv:
+    the report counts the merged conv's MACs from the shape it records."""
+    import fxreparam
+    from fxreparam.testing import executed_ops
+
+    class SumThenFlatten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            n = x.shape[0]
+            return (self.a(x) + self.b(x)).reshape(n, -1)
+
+    x = torch.randn(2, 3, 16, 16)
+    folded = fxreparam.optimize(SumThenFlatten().eval(), x)
+    assert fxreparam.report(folded).after.macs == executed_ops(folded, x)["macs"] // 2 == 8 * 27 * 256
