@@ -145,12 +145,13 @@ def test_deleting_the_original_frees_it():
 
 def test_failed_verification_leaves_nothing_half_applied():
     @fxreparam.register_pass("negate_convs", "deliberately wrong, for this test", after="sequential")
-    def negate_convs(ctx, node):
+    def negate_convs(ctx, node):  # negates one conv per graph (once: a second negation would undo the first)
         layer = fxreparam.ops.conv(ctx.gm, node)
-        if layer is None or node.meta.get("negated"):
+        if layer is None or getattr(ctx.gm, "_negated", False):
             return False
+        ctx.gm._negated = True
         fxreparam.emit(ctx.gm, layer.spec, -layer.weight, layer.bias, input=layer.input, replaces=node,
-                       storage=layer.storage).meta["negated"] = True
+                       storage=layer.storage)
         return True
 
     model = randomize_batch_norms(nn.Sequential(RepBlock())).eval()
