@@ -59,17 +59,22 @@ def _stored_tensor(node: fx.Node, value: Any) -> str | None:
     return None
 
 
+def runtime_positions(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """The positions of the region's inputs that are not parameters or buffers: what it takes at run time."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _stored_tensor(n, x) is None]
+
+
 def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
     """Turn the placeholders that hold parameters and buffers into stored constants.
 
     Returns the frozen graph module and the positions of the inputs it still takes.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    keep: list[int] = []
-    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+    keep = runtime_positions(gm, example_inputs)
+    for node, value in zip(placeholders, example_inputs):
         path = _stored_tensor(node, value)
         if path is None:
-            keep.append(i)
             continue
         name = "".join(c if c.isalnum() else "_" for c in path)
         while hasattr(gm, name):
@@ -144,8 +149,7 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     if inner not in INNER_COMPILERS:
         raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
     start = time.perf_counter()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    keep = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _stored_tensor(n, x) is None]
+    keep = runtime_positions(gm, example_inputs)
     capture_seconds = time.perf_counter() - start
     passes = list_passes()
     folded, before, passlog = _fold(gm, example_inputs, passes)

@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, CaptureInputError, ShapeError
+from .verify import fresh_copies
 
 __all__ = ["METHODS", "CaptureInputError", "Captured", "InputGuard", "ShapeError", "capture", "export_program",
            "guarded_module", "input_spec", "symbolic_trace"]
@@ -404,11 +405,6 @@ export then reasons about every spatial size symbolically. Spatial sizes stay gu
 :class:`ShapeError` naming the dim and the captured size."""
 
 
-def _copies(tree: Any) -> Any:
-    """Fresh copies of the tensors in ``tree``, for a run that may write into its inputs."""
-    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
 @dataclass
 class _Exported:
     """An exported program; where the batch-of-two check built them, its graph and the model's example outputs."""
@@ -427,8 +423,8 @@ def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str
             program = _export_program(model, *doubled, DYNAMIC_DIMS)
             graph = _to_graph(program, args, kwargs)
             with torch.no_grad():
-                outputs = model(*_copies(args), **_copies(kwargs))
-                same = _same_outputs(outputs, graph[0](*_copies(args), **_copies(kwargs)))
+                outputs = model(*fresh_copies(args), **fresh_copies(kwargs))
+                same = _same_outputs(outputs, graph[0](*fresh_copies(args), **fresh_copies(kwargs)))
             if same:
                 notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
                 return _Exported(program, graph, outputs)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["FLOOR", "K", "Reference", "Verification", "relative_error", "verify"]
+__all__ = ["FLOOR", "QUICK", "K", "Reference", "Verification", "fresh_copies", "relative_error", "verify"]
 
 K = 16
 """A fold may round K times worse than the original model's own rounding (measured per channel against float64):
@@ -177,7 +177,7 @@ def _floor(dtype: torch.dtype) -> float:
     return FLOOR.get(dtype, _OTHER_FLOOR)
 
 
-def _copies(tree: Any) -> Any:
+def fresh_copies(tree: Any) -> Any:
     """Fresh copies of the tensors in ``tree``: a model that writes into its inputs must not change what the
     next run (the reference, the float64 reference, the candidate) reads."""
     return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
@@ -368,7 +368,7 @@ class Reference:
                     self.outputs.append(example_outputs)
                     continue
                 try:
-                    self.outputs.append(original(*_copies(a), **_copies(k)))
+                    self.outputs.append(original(*fresh_copies(a), **fresh_copies(k)))
                 except Exception as err:
                     if i == 0:
                         raise
@@ -389,8 +389,8 @@ class Reference:
     def _run64(self) -> list[Any]:
         """The float64 twin's outputs on the trial sets, or the own-dtype ones (and a note) where it fails."""
         try:
-            outputs = [self._original64(*_copies(pytree.tree_map(_float64, a)), **_copies(pytree.tree_map(_float64, k)))
-                       for a, k in self.sets]
+            outputs = [self._original64(*fresh_copies(pytree.tree_map(_float64, a)),
+                                        **fresh_copies(pytree.tree_map(_float64, k))) for a, k in self.sets]
             if any(pytree.tree_structure(x) != pytree.tree_structure(y) for x, y in zip(self.outputs, outputs)):
                 raise TypeError("its outputs have another structure in float64")
             return outputs
@@ -414,7 +414,7 @@ class Reference:
         for i, ((a, k), speculative) in enumerate(zip(self.sets, self.speculative)):
             try:
                 with torch.no_grad():
-                    out = candidate(*_copies(a), **_copies(k))
+                    out = candidate(*fresh_copies(a), **fresh_copies(k))
             except Exception as err:
                 first = str(err).splitlines()[0][:200] if str(err) else ""
                 if speculative:
