@@ -1,13 +1,22 @@
 """The headline benchmark: what users do today against fxreparam, run time and compile time, measured in one run.
 
 For each model, batch size, dtype and thread count, the median forward time (the variants take turns, run by run)
-and the compile time (from the model to the first result) of
+of
   (a) eager, training structure
   (b) Inductor with freezing on the training structure (what users do today)
   (c) fxreparam.optimize(model, x, backend="inductor"): fold, verify, Inductor with freezing
   (e) torch.compile(model, backend="fxreparam"): Dynamo, fold, verify, Inductor with freezing
+  (g) as (e), with Dynamo's guards on module attributes skipped (``options={"guard_filter_fn":
+      torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: the backend freezes the weights anyway)
   (d) timm's hand-written reparameterize_model, then Inductor with freezing (timm models only)
-and the ratios (b)/(c), (d)/(c) and (d)/(e) (above 1: fxreparam is faster). Writes a markdown table and a chart.
+and the ratios (b)/(c), (d)/(c), (d)/(e) and (d)/(g) (above 1: fxreparam is faster). Writes a markdown table and a
+chart.
+
+Compile time (from the model to the first result: capture, folding, verification and compilation) is measured
+for each variant in a process of its own, at the first batch size and thread count given: *cold* with an empty
+Inductor cache (a first compile), then *warm* in a second process over the cache the first left (Inductor's
+compiled kernels reused). In one process, a variant compiled after another reuses the kernels the other compiled:
+the folded graph and the hand-written deploy form share most of theirs.
 
     python benchmarks/compare.py --device cpu                  # 224x224, batch 1 and 16, 1 thread and all, fp32
     python benchmarks/compare.py --device cpu --quick          # one small model: checks the script runs
@@ -18,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
@@ -36,7 +49,7 @@ from fxreparam.timing import time_interleaved
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 VARIANTS = {"a": "eager", "b": "Inductor", "c": "fxreparam.optimize + Inductor", "e": "fxreparam backend",
-            "d": "timm reparameterize + Inductor"}
+            "g": "fxreparam backend, module guards skipped", "d": "timm reparameterize + Inductor"}
 
 
 def build(name: str) -> tuple[nn.Module, int, bool]:
@@ -69,6 +82,9 @@ def compiled(variant: str, model: nn.Module, x: torch.Tensor) -> tuple[Callable[
         fn = fxreparam.optimize(model, x, backend="inductor")
     elif variant == "e":
         fn = torch.compile(model, backend="fxreparam")
+    elif variant == "g":
+        fn = torch.compile(model, backend="fxreparam",
+                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     else:
         from timm.utils.model import reparameterize_model
 
@@ -78,8 +94,9 @@ def compiled(variant: str, model: nn.Module, x: torch.Tensor) -> tuple[Callable[
     return fn, time.perf_counter() - start
 
 
-def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | None, threads: int,
-            repeat: int) -> dict:
+def setup(name: str, batch: int, dtype: torch.dtype, device: str, size: int | None, threads: int
+          ) -> tuple[nn.Module, torch.Tensor, bool]:
+    """The model (random BN statistics, eval mode), its input, and whether timm can fold it."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, natural, has_timm = build(name)
@@ -88,27 +105,105 @@ def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | 
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     if device == "cuda":
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    row: dict = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "size": size,
-                 "threads": threads, "compile": {}}
+    return model, x, has_timm
+
+
+def variants(has_timm: bool) -> list[str]:
+    """The variants this model and this torch run (``g`` needs ``torch.compiler``'s guard filters)."""
+    skip_guards = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
+    return [v for v in VARIANTS if (v != "d" or has_timm) and (v != "g" or skip_guards)]
+
+
+def compile_in_process(variant: str, config: list[str]) -> dict[str, float]:
+    """``--compile-one``: compile one variant in this (fresh) process; its seconds, and for (c) the share of
+    ``optimize`` itself (capture, passes, verification)."""
+    name, batch, dtype, device, size, threads = json.loads(config[0])
+    model, x, _ = setup(name, batch, getattr(torch, dtype), device, size, threads)
+    fn, seconds = compiled(variant, model, x)
+    result = {"seconds": seconds}
+    if variant == "c":
+        rep = fxreparam.report(fn)
+        result["optimize"] = rep.capture_seconds + rep.optimize_seconds
+    return result
+
+
+def compile_times(variant: str, config: list, cache: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Cold and warm compile of one variant, each in a process of its own over Inductor cache folder ``cache``
+    (empty for the cold one)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    runs = []
+    for _ in ("cold", "warm"):
+        out = subprocess.run([sys.executable, __file__, "--compile-one", variant, json.dumps(config)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
+def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | None, threads: int,
+            repeat: int, timed_compiles: list[str]) -> dict:
+    """One row: the run time of every variant, and the cold and warm compile times of ``timed_compiles``."""
+    model, x, has_timm = setup(name, batch, dtype, device, size, threads)
+    row: dict = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "size": x.shape[-1],
+                 "threads": threads, "cold": {}, "warm": {}}
     fns = {}
-    for variant in [v for v in VARIANTS if v != "d" or has_timm]:
-        fns[variant], row["compile"][variant] = compiled(variant, model, x)
+    for variant in variants(has_timm):
+        if variant in timed_compiles:
+            config = [name, batch, row["dtype"], device, size, threads]
+            with tempfile.TemporaryDirectory(prefix="fxreparam-compare-") as cache:
+                cold, warm = compile_times(variant, config, cache)
+            row["cold"][variant], row["warm"][variant] = cold["seconds"], warm["seconds"]
+            if "optimize" in cold:
+                row["optimize_cold"], row["optimize_warm"] = cold["optimize"], warm["optimize"]
+            print(f"  {name} ({variant}) {VARIANTS[variant]}: compile {cold['seconds']:.1f} s cold, "
+                  f"{warm['seconds']:.1f} s warm", file=sys.stderr, flush=True)
+        fns[variant], _ = compiled(variant, model, x)
     # Each variant keeps its own compiled code (Dynamo's cache is per function object), so they can take turns.
     row.update(time_interleaved(fns, x, repeat))
     return row
 
 
+RATIOS = ("bc", "dc", "de", "dg")
+
+
 def table(rows: list[dict]) -> str:
+    """The run-time table: median ms per variant and the ratios (above 1: fxreparam is faster)."""
     head = " | ".join(f"({v}) {text} ms" for v, text in VARIANTS.items())
-    lines = [f"| model | input | dtype | threads | {head} | (b)/(c) | (d)/(c) | (d)/(e) | compile s: "
-             + " / ".join(f"({v})" for v in VARIANTS) + " |", "|---" * (4 + len(VARIANTS) + 3 + 1) + "|"]
+    ratios = " | ".join(f"({a})/({b})" for a, b in RATIOS)
+    lines = [f"| model | input | dtype | threads | {head} | {ratios} |",
+             "|---" * (4 + len(VARIANTS) + len(RATIOS)) + "|"]
     for r in rows:
         cells = [f"{r[v]:.2f}" if v in r else "-" for v in VARIANTS]
-        ratio = {pair: f"{r[pair[0]] / r[pair[1]]:.3f}" if pair[0] in r and pair[1] in r else "-"
-                 for pair in ("bc", "dc", "de")}
-        compile_s = " / ".join(f"{r['compile'][v]:.1f}" if v in r["compile"] else "-" for v in VARIANTS)
+        cells += [f"{r[a] / r[b]:.3f}" if a in r and b in r else "-" for a, b in RATIOS]
         lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['dtype']} | {r['threads']} | "
-                     + " | ".join(cells) + f" | {ratio['bc']} | {ratio['dc']} | {ratio['de']} | {compile_s} |")
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compile_table(rows: list[dict]) -> str:
+    """The compile-time table (cold / warm seconds per variant) and the bounds: (c) within its own optimize time
+    plus 1.5x (d), (e) and (g) within 2x (d)."""
+    rows = [r for r in rows if r["cold"]]
+    if not rows:
+        return ""
+    head = " | ".join(f"({v}) s" for v in VARIANTS)
+    lines = [f"| model | input | threads | cache | {head} | optimize in (c) s | (c) <= optimize + 1.5 (d) | "
+             "(e) <= 2 (d) | (g) <= 2 (d) |", "|---" * (4 + len(VARIANTS) + 4) + "|"]
+    for r in rows:
+        for cache in ("cold", "warm"):
+            t = r[cache]
+            cells = [f"{t[v]:.1f}" if v in t else "-" for v in VARIANTS]
+            opt = r.get(f"optimize_{cache}")
+            bounds = ["-", "-", "-"]
+            if "d" in t:
+                if "c" in t and opt is not None:
+                    bounds[0] = f"{'yes' if t['c'] <= opt + 1.5 * t['d'] else 'no'} ({t['c']:.1f} vs " \
+                                f"{opt + 1.5 * t['d']:.1f})"
+                for i, v in ((1, "e"), (2, "g")):
+                    if v in t:
+                        bounds[i] = f"{'yes' if t[v] <= 2 * t['d'] else 'no'} ({t[v]:.1f} vs {2 * t['d']:.1f})"
+            opt_text = f"{opt:.1f}" if opt is not None else "-"
+            lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['threads']} | {cache} | "
+                         + " | ".join(cells) + f" | {opt_text} | " + " | ".join(bounds) + " |")
     return "\n".join(lines)
 
 
@@ -121,11 +216,11 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     labels = [f"{r['model']}\nb{r['batch']} {r['dtype']} t{r['threads']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
     shown = [("b", "Inductor, training structure"), ("e", "fxreparam backend"),
-             ("d", "timm reparameterize + Inductor")]
+             ("g", "fxreparam backend, module guards skipped"), ("d", "timm reparameterize + Inductor")]
     width = 0.8 / len(shown)
     for i, (key, text) in enumerate(shown):
         values = [r[key] / r["c"] if key in r else 0 for r in rows]
-        ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=text)
+        ax.bar([j + (i - (len(shown) - 1) / 2) * width for j in range(len(rows))], values, width, label=text)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("time relative to fxreparam.optimize + Inductor")
     ax.axhline(1.0, color="black", linewidth=0.5)
@@ -147,11 +242,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one small model, batch 1: checks the script runs")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the table and the chart")
+    parser.add_argument("--no-compile-times", action="store_true",
+                        help="skip the cold and warm compile times (two processes per variant and model)")
+    parser.add_argument("--compile-one", nargs=2, metavar=("VARIANT", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compile_one:  # one compile in this fresh process, for compile_times()
+        print(json.dumps(compile_in_process(args.compile_one[0], args.compile_one[1:])))
+        return
     cores = torch.get_num_threads()
     threads = args.threads or ([1, cores] if args.device == "cpu" and cores > 1 else [cores])
-    if args.quick:
-        args.models, args.batches, args.repeat, threads = ["acnet"], [1], 3, [cores]
+    timed = [] if args.no_compile_times else list(VARIANTS)
+    if args.quick:  # compile times of eager alone: the two-process path runs, in seconds
+        args.models, args.batches, args.repeat, threads, timed = ["acnet"], [1], 3, [cores], timed[:1]
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     names = args.dtypes or (["fp32"] if args.device == "cpu" else ["fp32", "fp16"])
     where = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
@@ -159,15 +261,22 @@ def main() -> None:
              f"{args.repeat} interleaved runs")
     rows = []
     for name in args.models:
+        first = True  # compile times at the first thread count, batch size and dtype
         for t in threads:
             for batch in args.batches:
                 for dt in names:
-                    rows.append(measure(name, batch, dtypes[dt], args.device, args.size, t, args.repeat))
+                    rows.append(measure(name, batch, dtypes[dt], args.device, args.size, t, args.repeat,
+                                        timed if first else []))
+                    first = False
                     print(table([rows[-1]]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"compare_{args.device}{'_quick' if args.quick else ''}"
-    text = f"# {title}\n\n{table(rows)}\n"
+    text = f"# {title}\n\n## Run time\n\n{table(rows)}\n"
+    if compile_table(rows):
+        text += ("\n## Compile time\n\nFrom the model to its first result, each variant in a process of its own: "
+                 "cold (empty Inductor cache), then warm (the cache the cold run left).\n\n"
+                 f"{compile_table(rows)}\n")
     (out / f"{stem}.md").write_text(text)
     chart(rows, out / f"{stem}.png", title)
     print(text)

@@ -126,7 +126,7 @@ def center_pad(weight: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor
         if extra < 0 or extra % 2:
             raise ValueError(f"cannot center a {tuple(w.shape[2:])} kernel in {tuple(kernel_size)}")
         pads += [extra // 2, extra // 2]
-    return torch.nn.functional.pad(w, pads)
+    return torch.nn.functional.pad(w, pads) if any(pads) else w
 
 
 def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
@@ -157,6 +157,8 @@ def _block_diagonal(w: torch.Tensor, groups: int, new_groups: int) -> torch.Tens
     in_ch = in_per_group * groups
     if out_ch % new_groups or in_ch % new_groups:
         return None
+    if in_per_group > in_ch // new_groups and bool(w[0, in_ch // new_groups:].any()):
+        return None  # output channel 0 reads outside its block: a dense kernel is refused at one row's cost
     o = torch.arange(out_ch).unsqueeze(1)
     absolute = (o // (out_ch // groups)) * in_per_group + torch.arange(in_per_group).unsqueeze(0)  # [O, I/g]
     allowed = absolute // (in_ch // new_groups) == o // (out_ch // new_groups)
@@ -203,8 +205,10 @@ def undilate(weight: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
 
 def sum_kernels(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """The kernel of a sum of convs that share stride, padding alignment and groups: the sum of kernels."""
-    total = exact(weights[0]).clone()
-    for w in weights[1:]:
+    if len(weights) == 1:
+        return exact(weights[0]).clone()
+    total = exact(weights[0]) + exact(weights[1])  # a new tensor: the rest add into it in place
+    for w in weights[2:]:
         total += exact(w)
     return total
 

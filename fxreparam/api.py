@@ -190,8 +190,9 @@ def optimize(
 
 def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, verify: bool, backend: str | None,
               example_kwargs: dict[str, Any] | None, capture: str, tolerance: float | None,
-              backend_options: dict[str, Any] | None, shown: _Progress) -> Any:
-    """:func:`optimize`'s body, after its arguments."""
+              backend_options: dict[str, Any] | None, shown: _Progress, double: bool = True) -> Any:
+    """:func:`optimize`'s body, after its arguments. ``double=False``: a batch-1 example is captured as given
+    (the retry where the batch-of-two capture turns out not to compute the model at batch size 1)."""
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     _check_call(model, args, kwargs)
     if backend not in deploy.BACKENDS:
@@ -203,7 +204,8 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
     start = time.perf_counter()
     work = copy.deepcopy(model).eval()
     log.info("capturing %s (%s) ...", type(model).__name__, capture)
-    captured = capture_graph(work, args, kwargs, capture)
+    # Verification runs the example anyway: the capture's own check of a batch-of-two graph is left to it.
+    captured = capture_graph(work, args, kwargs, capture, double=double, check=not verify)
     gm = captured.gm
     log.info("captured %d nodes with %s in %.2f s", len(gm.graph.nodes), captured.method, captured.seconds)
 
@@ -214,8 +216,7 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         tick = time.perf_counter()
         reference = Reference(work, args, kwargs, original64=_float64_twin(work),
                               dynamic=_dynamic_dims(captured, args, kwargs), floor=tolerance,
-                              covers=getattr(captured, "check_inputs", None),
-                              example_outputs=captured.example_outputs)
+                              covers=getattr(captured, "check_inputs", None))
         verify_seconds = time.perf_counter() - tick
 
     before = count_ops(gm)
@@ -241,8 +242,13 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         if not verification.ok:
             by_name = {p.name: p for p in selected}
             log.info("replaying the passes one by one to find the one that changed the outputs ...")
-            raise _blame(model, args, kwargs, reference, [by_name[n] for n in passlog.schedule], verification,
-                         captured.method_key)
+            error = _blame(model, args, kwargs, reference, [by_name[n] for n in passlog.schedule], verification,
+                           captured.method_key, double)
+            if error.pass_name == "capture" and captured.doubled:
+                log.info("the batch-of-two capture does not compute the model on the example: capturing it as given")
+                return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture,
+                                 tolerance, backend_options, shown, double=False)
+            raise error
     folded.fxreparam_report = Report(
         model=type(model).__name__, capture=captured.method, capture_seconds=captured.seconds,
         optimize_seconds=time.perf_counter() - start - captured.seconds, passes=list(passlog.stats.values()),
@@ -270,8 +276,12 @@ def _notes(args: tuple | None, passlog: Any) -> list[str]:
 def blame(fresh: Callable[[], fx.GraphModule], reference: Reference, schedule: list[Pass],
           failed: Verification) -> tuple[str, Verification]:
     """Replay ``schedule`` one pass at a time on a ``fresh()`` capture; the first pass after which
-    ``reference`` no longer accepts the graph, and that check ("finalize" if every pass was fine)."""
+    ``reference`` no longer accepts the graph, and that check ("capture" where the graph differs before any pass,
+    "finalize" if every pass was fine)."""
     gm = fresh()
+    step = reference.check(gm)
+    if not step.ok:
+        return "capture", step
     for p in replay(gm, schedule):
         step = reference.check(gm)
         if not step.ok:
@@ -280,10 +290,16 @@ def blame(fresh: Callable[[], fx.GraphModule], reference: Reference, schedule: l
 
 
 def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: Reference, schedule: list[Pass],
-           failed: Verification, method: str) -> VerificationError:
-    """The :class:`VerificationError` naming the first pass after which the outputs diverge."""
-    culprit, step = blame(lambda: capture_graph(copy.deepcopy(model).eval(), args, kwargs, method).gm,
+           failed: Verification, method: str, double: bool = True) -> VerificationError:
+    """The :class:`VerificationError` naming the first pass after which the outputs diverge (``"capture"``
+    where the captured graph itself does not compute the model)."""
+    culprit, step = blame(lambda: capture_graph(copy.deepcopy(model).eval(), args, kwargs, method, double=double).gm,
                           reference, schedule, failed)
+    if culprit == "capture":
+        return VerificationError(
+            f"the captured graph ({method}) computes something else than {type(model).__name__} before any pass ran: "
+            f"{step}. Nothing was returned; run again with capture='symbolic_trace' (or 'export'), and please "
+            "report the model.", pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)
     remedy = (f"run again with skip=[{culprit!r}] to optimize without it" if culprit != "finalize" else
               "every pass kept the outputs, so building the final module changed them")
     return VerificationError(

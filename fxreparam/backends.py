@@ -166,7 +166,7 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
         dropped: list[str] = []
         while verification is not None and not verification.ok:
             culprit = _culprit(gm, example_inputs, reference, passes, passlog.schedule, verification)
-            if culprit == "finalize" or not verification.checked or len(dropped) >= _MAX_DROPPED:
+            if culprit in ("capture", "finalize") or not verification.checked or len(dropped) >= _MAX_DROPPED:
                 notes.append(f"the folded region failed verification ({verification}); compiled unfolded")
                 _warn(f"a torch.compile region could not be folded exactly ({verification}); it was compiled "
                       "unfolded. Please report the model.")

@@ -59,6 +59,8 @@ class Branch:
         return 2 * self.spec.padding[d] - self.spec.dilation[d] * (self.kernel_size[d] - 1)
 
     def scaled(self, coef: float) -> Branch:
+        if coef == 1:
+            return self
         return replace(self, weight=self.weight * coef, bias=None if self.bias is None else self.bias * coef)
 
     def cost(self) -> cost.Cost:

@@ -59,7 +59,7 @@ class Captured:
     dynamic_dims: list[dict[int, tuple[int, int | None]]] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    example_outputs: Any = None  # the model's own outputs on the examples, where capture ran it
+    doubled: bool = False  # a batch-1 example captured as a batch of two copies (see ``_export_checked``)
 
     @property
     def method_key(self) -> str:
@@ -68,10 +68,7 @@ class Captured:
 
     def check_inputs(self, args: tuple, kwargs: dict | None = None) -> None:
         """Raise :class:`ShapeError` where the captured graph's guards reject these inputs (runs no model code)."""
-        guard = getattr(self.gm, GUARD, None)
-        spec = getattr(self.gm, "_in_spec", None)
-        if isinstance(guard, InputGuard) and spec is not None:
-            guard(*_flatten_by_spec(args, kwargs or {}, spec))
+        check_covers(self.gm, args, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- guards
@@ -407,28 +404,40 @@ export then reasons about every spatial size symbolically. Spatial sizes stay gu
 
 @dataclass
 class _Exported:
-    """An exported program; where the batch-of-two check built them, its graph and the model's example outputs."""
+    """An exported program; where the batch-of-two capture built it already, its graph."""
 
     program: Any
     graph: tuple[fx.GraphModule, list, list, list] | None = None
-    outputs: Any = None
+    doubled: bool = False
 
 
-def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]) -> _Exported:
-    """:func:`export_program`'s work; a batch-of-two capture is checked on the example itself through the
-    graph that capture keeps, and the model's outputs there are kept for the verification."""
-    doubled = _batch_of_two(args, kwargs)
+def check_covers(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
+    """Raise :class:`ShapeError` where a captured graph's guards reject these inputs (runs no model code)."""
+    guard = getattr(gm, GUARD, None)
+    spec = getattr(gm, "_in_spec", None)
+    if isinstance(guard, InputGuard) and spec is not None:
+        guard(*_flatten_by_spec(args, kwargs or {}, spec))
+
+
+def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str], double: bool = True,
+                    check: bool = True) -> _Exported:
+    """:func:`export_program`'s work. A batch-1 example is exported as a batch of two copies (``double``) where
+    the graph then computes the model's outputs on the example itself: ``check`` runs both to see; without it,
+    only the guards are asked, and the caller's verification (which runs the example anyway) must do the rest
+    (``optimize`` captures again as given where it fails)."""
+    doubled = _batch_of_two(args, kwargs) if double else None
     if doubled is not None and _auto() is not None:
         try:
             program = _export_program(model, *doubled, DYNAMIC_DIMS)
             graph = _to_graph(program, args, kwargs)
-            with torch.no_grad():
-                outputs = model(*fresh_copies(args), **fresh_copies(kwargs))
-                same = _same_outputs(outputs, graph[0](*fresh_copies(args), **fresh_copies(kwargs)))
-            if same:
-                notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
-                return _Exported(program, graph, outputs)
-            notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
+            check_covers(graph[0], args, kwargs)
+            if check:
+                with torch.no_grad():
+                    outputs = model(*fresh_copies(args), **fresh_copies(kwargs))
+                    if not _same_outputs(outputs, graph[0](*fresh_copies(args), **fresh_copies(kwargs))):
+                        raise CaptureError("the batch-of-two graph computes something else on the example")
+            notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
+            return _Exported(program, graph, doubled=True)
         except Exception:  # the model pins its batch size, or needs the example's: capture it as given
             pass
     if _auto() is not None:
@@ -449,14 +458,14 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]
     return _export_checked(model, args, kwargs, notes if notes is not None else []).program
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True) -> Captured:
     """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows."""
     start = time.perf_counter()
     notes: list[str] = []
-    exported = _export_checked(model, args, kwargs, notes)
+    exported = _export_checked(model, args, kwargs, notes, double, check)
     gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
     return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
-                    exported.outputs)
+                    exported.doubled)
 
 
 # ----------------------------------------------------------------------------------------------- symbolic_trace
@@ -659,12 +668,16 @@ def _classify(stage: str, err: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, method: str = "auto") -> Captured:
+def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, method: str = "auto", *,
+            double: bool = True, check: bool = True) -> Captured:
     """Capture ``model`` (already in eval mode) as a graph; ``args=None`` means no example inputs.
 
     ``method``: ``"auto"`` (export where there are example inputs, else or on failure
     symbolic_trace), ``"export"`` or ``"symbolic_trace"`` alone. symbolic_trace is much
-    faster on very deep models, export sees through more Python.
+    faster on very deep models, export sees through more Python. A batch-1 example is captured as a batch of
+    two copies (the batch stays dynamic) where the graph computes the model's outputs on the example itself;
+    ``check=False`` leaves that comparison (a run of each) to a caller that verifies anyway, ``double=False``
+    captures the example as given (its batch dim then static).
     """
     if method not in METHODS:
         raise ValueError(f"unknown capture method {method!r}; choose one of {METHODS}")
@@ -675,7 +688,7 @@ def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, me
     failures: list[str] = []
     if args is not None and method in ("auto", "export"):
         try:
-            return _export(model, args, kwargs)
+            return _export(model, args, kwargs, double, check)
         except Exception as err:
             failed = _runs(model, args, kwargs)
             if failed is not None:

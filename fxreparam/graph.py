@@ -62,8 +62,8 @@ def _shared_target(gm: fx.GraphModule, mod: nn.Module) -> str:
     """The submodule name holding ``mod``'s kernel: an equal one emitted before (a module called twice folds
     the same way at each call) is reused, so folding never stores a kernel twice."""
     bias = getattr(mod, "bias", None)
-    key = (repr(mod), str(mod.weight.dtype), str(mod.weight.device), float(mod.weight.double().sum()),
-           None if bias is None else float(bias.double().sum()))
+    key = (repr(mod), str(mod.weight.dtype), str(mod.weight.device), float(mod.weight.sum(dtype=torch.float64)),
+           None if bias is None else float(bias.sum(dtype=torch.float64)))
     emitted: dict[tuple, list[str]] = gm.__dict__.setdefault("_fxreparam_emitted", {})
     for target in emitted.get(key, []):
         other = getattr(gm, target, None)

@@ -336,14 +336,13 @@ class Reference:
     def __init__(self, original: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any] | None = None, *,
                  original64: Callable[..., Any] | None = None, dynamic: Dynamic | None = None,
                  floor: float | None = None, seed: int = 0,
-                 covers: Callable[[tuple, dict], Any] | None = None, example_outputs: Any = None) -> None:
+                 covers: Callable[[tuple, dict], Any] | None = None) -> None:
         """Run ``original`` (own dtype) on the trial inputs; keep ``original64`` (the same model in float64, fed
         float64 inputs) for the first check that needs it.
 
         ``original64=None`` means the model is float64 already. ``floor`` overrides :data:`FLOOR`. Where the
         float64 run fails, the own-dtype outputs are the reference and only the floor is allowed. ``covers``
         raises for inputs the capture does not cover (its shape guards): such trial sets are left out.
-        ``example_outputs``: the original's outputs on the examples, where the caller has them already.
         """
         self.floor = floor
         self.sets, self.shapes, self.speculative, note = trial_inputs(tuple(args), dict(kwargs or {}), dynamic, seed)
@@ -364,9 +363,6 @@ class Reference:
         self.calibrated = original64 is not None
         with torch.no_grad():
             for i, (a, k) in enumerate(list(self.sets)):
-                if i == 0 and example_outputs is not None:
-                    self.outputs.append(example_outputs)
-                    continue
                 try:
                     self.outputs.append(original(*fresh_copies(a), **fresh_copies(k)))
                 except Exception as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import warnings
 
 import pytest
@@ -116,6 +117,42 @@ def test_batch_one_example_of_a_batch_sensitive_model_stays_batch_one_with_a_gua
         assert captured.gm(x).shape == m(x).shape == (3,)
         with pytest.raises(ShapeError, match=r"'x'.*dim 0.*only 1"):
             captured.gm(torch.randn(4, 4, 6, 6))
+
+
+def test_a_batch_of_two_capture_that_misses_the_example_is_captured_again_as_given(monkeypatch):
+    """Capture no longer runs the model to check the batch-of-two graph: the verification does, and a graph that
+    does not compute the model at batch 1 is captured again at batch 1 (here export sees another model at 2)."""
+    capture_module = sys.modules["fxreparam.capture"]  # the package's ``capture`` attribute is the function
+    m, x = model(Pooled), torch.randn(1, 4, 6, 6)
+    export = capture_module._export_program
+
+    def other_model_at_two(module, args, kwargs, dims):
+        if args[0].shape[0] == 2:
+            wrong = copy.deepcopy(module)
+            wrong.conv.weight.data.mul_(-1)
+            return export(wrong, args, kwargs, dims)
+        return export(module, args, kwargs, dims)
+
+    monkeypatch.setattr(capture_module, "_export_program", other_model_at_two)
+    folded = fxreparam.optimize(m, x)
+    assert fxreparam.report(folded).verification.ok
+    assert not any("batch of 2" in note for note in capture(m, (x,), method="export", double=False).notes)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), m(x), atol=1e-5)
+
+
+def test_a_capture_that_computes_something_else_is_blamed_on_the_capture():
+    class FirstCallDiffers(Pooled):
+        """Traced once (export) with a weight sign flipped: the graph is not the model that runs afterwards."""
+
+        def forward(self, x):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(-x if self.calls == 1 else x)
+
+    m = model(FirstCallDiffers)
+    with pytest.raises(fxreparam.VerificationError, match=r"captured graph .* computes something else") as err:
+        fxreparam.optimize(m, torch.randn(1, 4, 6, 6), capture="export")
+    assert err.value.pass_name == "capture"
 
 
 def test_pinned_dims_keep_their_guard_and_a_wrong_shape_names_input_dim_and_size():

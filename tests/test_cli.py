@@ -363,4 +363,5 @@ def test_compare_benchmark_cpu_quick(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     table = (tmp_path / "compare_cpu_quick.md").read_text()
     assert "| acnet | 1x3x32x32 | float32 |" in table
+    assert re.search(r"\| acnet \| 1x3x32x32 \| \d+ \| cold \| \d+\.\d \|", table)  # compiled in a process of its own
     assert (tmp_path / "compare_cpu_quick.png").stat().st_size > 1000
