@@ -6,8 +6,10 @@ of
   (b) Inductor with freezing on the training structure (what users do today)
   (c) fxreparam.optimize(model, x, backend="inductor"): fold, verify, Inductor with freezing
   (e) torch.compile(model, backend="fxreparam"): Dynamo, fold, verify, Inductor with freezing
-  (g) as (e), with Dynamo's guards on module attributes skipped (``options={"guard_filter_fn":
-      torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: the backend freezes the weights anyway)
+  (g) as (e), with the module frozen for Dynamo too: its guards on module attributes skipped
+      (``options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}``) and Inductor's
+      ``freezing`` on while Dynamo traces (it then keeps the weights on the graph instead of passing them on
+      every call); the backend freezes the weights anyway
   (d) timm's hand-written reparameterize_model, then Inductor with freezing (timm models only)
 and the ratios (b)/(c), (d)/(c), (d)/(e) and (d)/(g) (above 1: fxreparam is faster). Writes a markdown table and a
 chart.
@@ -49,7 +51,7 @@ from fxreparam.timing import time_interleaved
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 VARIANTS = {"a": "eager", "b": "Inductor", "c": "fxreparam.optimize + Inductor", "e": "fxreparam backend",
-            "g": "fxreparam backend, module guards skipped", "d": "timm reparameterize + Inductor"}
+            "g": "fxreparam backend, module frozen for Dynamo", "d": "timm reparameterize + Inductor"}
 
 
 def build(name: str) -> tuple[nn.Module, int, bool]:
@@ -82,9 +84,11 @@ def compiled(variant: str, model: nn.Module, x: torch.Tensor) -> tuple[Callable[
         fn = fxreparam.optimize(model, x, backend="inductor")
     elif variant == "e":
         fn = torch.compile(model, backend="fxreparam")
-    elif variant == "g":
+    elif variant == "g":  # the freezing config matters while Dynamo traces: the first call below
         fn = torch.compile(model, backend="fxreparam",
                            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            fn(x)
     else:
         from timm.utils.model import reparameterize_model
 
@@ -124,6 +128,10 @@ def compile_in_process(variant: str, config: list[str]) -> dict[str, float]:
     if variant == "c":
         rep = fxreparam.report(fn)
         result["optimize"] = rep.capture_seconds + rep.optimize_seconds
+    if variant in ("e", "g"):  # the backend's share and its inner compile's; Dynamo's trace is the rest
+        regions = fxreparam.region_reports()
+        result["fold"] = sum(r.capture_seconds + r.optimize_seconds for r in regions)
+        result["inner"] = sum(r.compile_seconds for r in regions)
     return result
 
 
@@ -152,8 +160,9 @@ def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | 
             with tempfile.TemporaryDirectory(prefix="fxreparam-compare-") as cache:
                 cold, warm = compile_times(variant, config, cache)
             row["cold"][variant], row["warm"][variant] = cold["seconds"], warm["seconds"]
-            if "optimize" in cold:
-                row["optimize_cold"], row["optimize_warm"] = cold["optimize"], warm["optimize"]
+            for key in ("optimize", "fold", "inner"):
+                if key in cold:
+                    row[f"{key}_{variant}_cold"], row[f"{key}_{variant}_warm"] = cold[key], warm[key]
             print(f"  {name} ({variant}) {VARIANTS[variant]}: compile {cold['seconds']:.1f} s cold, "
                   f"{warm['seconds']:.1f} s warm", file=sys.stderr, flush=True)
         fns[variant], _ = compiled(variant, model, x)
@@ -186,13 +195,17 @@ def compile_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     head = " | ".join(f"({v}) s" for v in VARIANTS)
-    lines = [f"| model | input | threads | cache | {head} | optimize in (c) s | (c) <= optimize + 1.5 (d) | "
-             "(e) <= 2 (d) | (g) <= 2 (d) |", "|---" * (4 + len(VARIANTS) + 4) + "|"]
+    lines = [f"| model | input | threads | cache | {head} | optimize in (c) s | (e) s: Dynamo / fold, verify / "
+             "Inductor | (c) <= optimize + 1.5 (d) | (e) <= 2 (d) | (g) <= 2 (d) |",
+             "|---" * (4 + len(VARIANTS) + 5) + "|"]
     for r in rows:
         for cache in ("cold", "warm"):
             t = r[cache]
             cells = [f"{t[v]:.1f}" if v in t else "-" for v in VARIANTS]
-            opt = r.get(f"optimize_{cache}")
+            opt = r.get(f"optimize_c_{cache}")
+            fold, inner = r.get(f"fold_e_{cache}"), r.get(f"inner_e_{cache}")
+            split = (f"{t['e'] - fold - inner:.1f} / {fold:.1f} / {inner:.1f}" if "e" in t and fold is not None
+                     and inner is not None else "-")
             bounds = ["-", "-", "-"]
             if "d" in t:
                 if "c" in t and opt is not None:
@@ -203,7 +216,7 @@ def compile_table(rows: list[dict]) -> str:
                         bounds[i] = f"{'yes' if t[v] <= 2 * t['d'] else 'no'} ({t[v]:.1f} vs {2 * t['d']:.1f})"
             opt_text = f"{opt:.1f}" if opt is not None else "-"
             lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['threads']} | {cache} | "
-                         + " | ".join(cells) + f" | {opt_text} | " + " | ".join(bounds) + " |")
+                         + " | ".join(cells) + f" | {opt_text} | {split} | " + " | ".join(bounds) + " |")
     return "\n".join(lines)
 
 

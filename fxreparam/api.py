@@ -180,8 +180,9 @@ def optimize(
         ValueError: weights or inputs on the meta device, an unknown ``backend``, ``capture`` or backend option.
         KeyError: an unknown pass name in ``passes`` or ``skip``.
         CaptureError: neither ``torch.export`` nor ``symbolic_trace`` takes the model.
-        VerificationError: the result computes something else than the model (``.pass_name`` names the first
-            pass after which the outputs diverge), or it could not be verified (``.pass_name`` is None).
+        VerificationError: the result computes something other than the model (``.pass_name`` names the first
+            pass after which the outputs diverge, ``"capture"`` where the captured graph already did), or it could
+            not be verified (``.pass_name`` is None).
     """
     with _Progress(progress) as shown:
         return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture, tolerance,
@@ -293,11 +294,13 @@ def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: Reference, sc
            failed: Verification, method: str, double: bool = True) -> VerificationError:
     """The :class:`VerificationError` naming the first pass after which the outputs diverge (``"capture"``
     where the captured graph itself does not compute the model)."""
-    culprit, step = blame(lambda: capture_graph(copy.deepcopy(model).eval(), args, kwargs, method, double=double).gm,
-                          reference, schedule, failed)
+    def fresh() -> fx.GraphModule:  # the same capture again, unchecked as the first was
+        return capture_graph(copy.deepcopy(model).eval(), args, kwargs, method, double=double, check=False).gm
+
+    culprit, step = blame(fresh, reference, schedule, failed)
     if culprit == "capture":
         return VerificationError(
-            f"the captured graph ({method}) computes something else than {type(model).__name__} before any pass ran: "
+            f"the captured graph ({method}) computes something other than {type(model).__name__} before any pass ran: "
             f"{step}. Nothing was returned; run again with capture='symbolic_trace' (or 'export'), and please "
             "report the model.", pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)
     remedy = (f"run again with skip=[{culprit!r}] to optimize without it" if culprit != "finalize" else

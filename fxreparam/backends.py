@@ -38,6 +38,7 @@ log = logging.getLogger("fxreparam")
 
 _REPORTS: list[Report] = []
 _MAX_DROPPED = 3  # passes dropped one by one from a failing region before it is compiled unfolded
+_MANY_FROZEN = 64  # frozen tensors from which a region's report points at Dynamo's per-call guard cost
 
 
 def region_reports() -> list[Report]:
@@ -107,31 +108,37 @@ def functional(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
     return traced
 
 
-def _fold(gm: fx.GraphModule, example_inputs: Sequence[Any], passes: list[Pass]) -> tuple[fx.GraphModule, Any, Any]:
+def _fold(gm: fx.GraphModule, example_inputs: Sequence[Any], passes: list[Pass]
+          ) -> tuple[fx.GraphModule, Any, Any, float]:
     """Freeze a copy of ``gm``, make it functional and fold it with ``passes``: the folded graph, its op counts
-    before, its pass log."""
+    before, its pass log, and the seconds freezing and functionalization took (the region's capture)."""
+    tick = time.perf_counter()
     frozen, keep = freeze(copy.deepcopy(gm), example_inputs)
     frozen = functional(frozen, [example_inputs[i] for i in keep])
+    prepared = time.perf_counter() - tick
     before = count_ops(frozen)
     passlog = run_passes(frozen, passes)
-    return finalize(frozen, class_name="FoldedRegion"), before, passlog
+    return finalize(frozen, class_name="FoldedRegion"), before, passlog, prepared
 
 
 def _region_reference(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: list[int]) -> Reference:
-    """The region's own outputs on its runtime inputs, in its dtype and in float64 (frozen values converted too)."""
+    """The region's own outputs on its runtime inputs, in its dtype and in float64: the frozen inputs converted, and
+    the weights Dynamo installed on the graph itself (it does so when Inductor's freezing is on while tracing)."""
     frozen = {i: x.detach() for i, x in enumerate(example_inputs) if i not in keep}
     frozen64 = {i: x.double() if x.is_floating_point() else x for i, x in frozen.items()}
 
-    def call(values: dict[int, Any]) -> Callable[..., Any]:
+    def call(module: fx.GraphModule, values: dict[int, Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             it = iter(args)
-            return gm(*[values[i] if i in values else next(it) for i in range(len(example_inputs))])
+            return module(*[values[i] if i in values else next(it) for i in range(len(example_inputs))])
 
         return run
 
-    as64 = any(x.is_floating_point() and x.dtype != torch.float64 for x in frozen.values())
-    return Reference(call(frozen), tuple(example_inputs[i] for i in keep),
-                     original64=call(frozen64) if as64 or not frozen else None)
+    stored = [t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point() and t.dtype != torch.float64]
+    gm64 = copy.deepcopy(gm).double() if stored else gm
+    as64 = stored or any(x.is_floating_point() and x.dtype != torch.float64 for x in frozen.values())
+    return Reference(call(gm, frozen), tuple(example_inputs[i] for i in keep),
+                     original64=call(gm64, frozen64) if as64 or not frozen else None)
 
 
 def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
@@ -150,9 +157,8 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
         raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
     start = time.perf_counter()
     keep = runtime_positions(gm, example_inputs)
-    capture_seconds = time.perf_counter() - start
     passes = list_passes()
-    folded, before, passlog = _fold(gm, example_inputs, passes)
+    folded, before, passlog, capture_seconds = _fold(gm, example_inputs, passes)
     runtime_inputs = [example_inputs[i] for i in keep]
     verification: Verification | None = None
     notes: list[str] = []
@@ -178,7 +184,7 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
             _warn(f"pass {culprit!r} changed a torch.compile region's outputs ({verification}); the region was "
                   f"compiled without it. Please report the model.")
             passes = [p for p in passes if p.name != culprit]
-            folded, before, passlog = _fold(gm, example_inputs, passes)
+            folded, before, passlog, _ = _fold(gm, example_inputs, passes)
             verification = reference.check(folded)
         verify_seconds = time.perf_counter() - tick
     optimize_seconds = time.perf_counter() - start - capture_seconds
@@ -196,12 +202,20 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
               "report the model.")
         target, keep = gm, list(range(len(example_inputs)))
         compiled = compile_with(inner, gm, example_inputs)
-    notes.append(f"inner compiler {inner}: {time.perf_counter() - tick:.2f} s")
-    report = Report(model="torch.compile region", capture="Dynamo (parameters frozen)",
+    compile_seconds = time.perf_counter() - tick
+    frozen = len(example_inputs) - len(runtime_positions(gm, example_inputs))
+    if frozen >= _MANY_FROZEN:
+        notes.append(f"{frozen} parameters and buffers frozen: Dynamo still checks its guards on the modules that "
+                     "hold them at every call (about 2 ms for a thousand); the weights are frozen anyway, so "
+                     "torch.compile(..., options={'guard_filter_fn': "
+                     "torch.compiler.skip_guard_on_all_nn_modules_unsafe}) drops that cost")
+    # Dynamo's own trace came before this call: "capture" here is freezing its graph and making it functional.
+    report = Report(model="torch.compile region", capture="Dynamo's graph, frozen and functionalized,",
                     capture_seconds=capture_seconds, optimize_seconds=optimize_seconds,
                     passes=list(passlog.stats.values()), refusals=passlog.refusals, before=before,
                     after=count_ops(target), verification=verification, verification_note=note,
-                    rounds=passlog.rounds, notes=notes, verify_seconds=verify_seconds)
+                    rounds=passlog.rounds, notes=notes, verify_seconds=verify_seconds, compiler=inner,
+                    compile_seconds=compile_seconds)
     _REPORTS.append(report)
     log.info("fxreparam backend: region of %d ops folded to %d convs, %d batch norms in %.2f s; inner compiler %s",
              sum(before.as_dict().values()) - before.parameters, report.after.conv, report.after.batch_norm,

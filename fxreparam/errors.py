@@ -30,7 +30,8 @@ class VerificationError(FxReparamError):
     """The optimized model's outputs differ from the original's (a pass made an inexact rewrite), or could not be
     compared at all.
 
-    ``pass_name`` is the first pass after which the outputs diverge (None where nothing could be compared);
+    ``pass_name`` is the first pass after which the outputs diverge (``"capture"`` where the captured graph itself
+    does, None where nothing could be compared);
     ``error`` and ``tolerance`` the relative error seen at the worst channel and the error allowed there;
     ``verification`` the full :class:`~fxreparam.verify.Verification`.
     """

@@ -85,6 +85,8 @@ class Report:
     rounds: int = 0
     notes: list[str] = field(default_factory=list)
     verify_seconds: float = 0.0
+    compiler: str = ""  # the compiler the result was handed to, where the report's maker timed it
+    compile_seconds: float = 0.0
 
     @property
     def rewrites(self) -> dict[str, int]:
@@ -94,7 +96,8 @@ class Report:
         lines = [f"fxreparam report for {self.model}",
                  f"captured with {self.capture} in {self.capture_seconds:.2f} s; passes and checks "
                  f"took {self.optimize_seconds:.2f} s ({self.rounds} rounds to a fixpoint; verification "
-                 f"{self.verify_seconds:.2f} s)", ""]
+                 f"{self.verify_seconds:.2f} s)"
+                 + (f"; compiled with {self.compiler} in {self.compile_seconds:.2f} s" if self.compiler else ""), ""]
         lines += _table(["pass", "rewrites", "runs", "seconds"],
                         [[p.name, p.rewrites, p.runs, f"{p.seconds:.3f}"] for p in self.passes])
         lines.append("")

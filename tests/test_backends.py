@@ -85,6 +85,47 @@ def test_backend_with_inductor():
     assert fxreparam.region_reports()[-1].after.batch_norm == 0
 
 
+def test_weights_dynamo_installs_on_the_graph_are_verified_in_float64_too():
+    """With Inductor's freezing on while tracing, Dynamo puts the weights on the graph instead of passing them as
+    inputs: the region's float64 reference must convert them too, else it does not run, the allowed error falls to
+    the float32 floor, and an exact fold of an ill-conditioned region (timm mobileone_s0) is rejected."""
+    from fxreparam.backends import _region_reference, runtime_positions
+
+    torch._dynamo.reset()
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm
+
+    model, x = repvgg_like(), torch.randn(2, 4, 6, 6)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch.compile(model, backend=spy)(x)
+    gm, inputs = seen[0]
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)  # the weights are on the graph
+    reference = _region_reference(gm, inputs, runtime_positions(gm, inputs))
+    assert reference.outputs64[0][0].dtype == torch.float64
+    assert reference.calibrated and not any("float64" in n for n in reference.notes), reference.notes
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="fxreparam", options={"inner": "eager"})(x)
+    report = fxreparam.region_reports()[-1]
+    assert report.after.batch_norm == 0 and report.verification.ok and rel_err(model(x), out) < 1e-5
+
+
+def test_a_region_with_many_frozen_weights_points_at_the_guard_filter():
+    torch._dynamo.reset()
+    many = nn.Sequential(*[nn.Conv2d(4, 4, 1) for _ in range(40)]).eval()  # 80 parameters
+    with torch.no_grad():
+        torch.compile(many, backend="fxreparam", options={"inner": "eager"})(torch.randn(1, 4, 6, 6))
+    assert any("80 parameters and buffers frozen" in n and "guard_filter_fn" in n
+               for n in fxreparam.region_reports()[-1].notes)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(repvgg_like(), backend="fxreparam", options={"inner": "eager"})(torch.randn(1, 4, 6, 6))
+    assert not any("guard_filter_fn" in n for n in fxreparam.region_reports()[-1].notes)
+
+
 def test_optimize_with_inductor_backend():
     model = repvgg_like()
     x = torch.randn(2, 4, 6, 6)
