@@ -118,10 +118,10 @@ def variants(has_timm: bool) -> list[str]:
     return [v for v in VARIANTS if (v != "d" or has_timm) and (v != "g" or skip_guards)]
 
 
-def compile_in_process(variant: str, config: list[str]) -> dict[str, float]:
-    """``--compile-one``: compile one variant in this (fresh) process; its seconds, and for (c) the share of
-    ``optimize`` itself (capture, passes, verification)."""
-    name, batch, dtype, device, size, threads = json.loads(config[0])
+def compile_in_process(variant: str, config: str) -> dict[str, float]:
+    """``--compile-one``: compile one variant in this (fresh) process, ``config`` being the JSON list that
+    :func:`compile_times` passes; its seconds, and the shares of ``optimize`` (c) or of the backend (e, g)."""
+    name, batch, dtype, device, size, threads = json.loads(config)
     model, x, _ = setup(name, batch, getattr(torch, dtype), device, size, threads)
     fn, seconds = compiled(variant, model, x)
     result = {"seconds": seconds}
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--compile-one", nargs=2, metavar=("VARIANT", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_one:  # one compile in this fresh process, for compile_times()
-        print(json.dumps(compile_in_process(args.compile_one[0], args.compile_one[1:])))
+        print(json.dumps(compile_in_process(*args.compile_one)))
         return
     cores = torch.get_num_threads()
     threads = args.threads or ([1, cores] if args.device == "cpu" and cores > 1 else [cores])

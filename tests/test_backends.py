@@ -106,9 +106,12 @@ def test_weights_dynamo_installs_on_the_graph_are_verified_in_float64_too():
     reference = _region_reference(gm, inputs, runtime_positions(gm, inputs))
     assert reference.outputs64[0][0].dtype == torch.float64
     assert reference.calibrated and not any("float64" in n for n in reference.notes), reference.notes
+    options = {"inner": "eager"}  # and the README's recipe: the module frozen for Dynamo too
+    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):
         torch._dynamo.reset()
-        out = torch.compile(model, backend="fxreparam", options={"inner": "eager"})(x)
+        out = torch.compile(model, backend="fxreparam", options=options)(x)
     report = fxreparam.region_reports()[-1]
     assert report.after.batch_norm == 0 and report.verification.ok and rel_err(model(x), out) < 1e-5
 
