@@ -24,6 +24,7 @@ __all__ = [
     "coarsest_groups",
     "compose",
     "compose_bias",
+    "composed_shape",
     "exact",
     "finite",
     "identity_kernel",
@@ -245,6 +246,15 @@ def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affin
 def avg_pool_kernel(channels: int, kernel_size: Sequence[int]) -> torch.Tensor:
     """The depthwise kernel of an average pool: ``1 / prod(k)`` at every tap (REPARAM §7)."""
     return torch.full((channels, 1, *kernel_size), 1.0 / math.prod(kernel_size), dtype=torch.float64)
+
+
+def composed_shape(outer: Sequence[int], outer_groups: int, inner: Sequence[int], inner_groups: int
+                   ) -> tuple[tuple[int, ...], int]:
+    """Shape and groups of :func:`compose`'s kernel from the two kernels' shapes alone: a cost check can refuse a
+    composition before computing it."""
+    groups = math.gcd(outer_groups, inner_groups)
+    kernel = tuple(outer[2:]) if any(k != 1 for k in outer[2:]) else tuple(inner[2:])
+    return (outer[0], inner[1] * inner_groups // groups, *kernel), groups
 
 
 def compose(outer: torch.Tensor, outer_groups: int, inner: torch.Tensor, inner_groups: int

@@ -91,33 +91,42 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
                            "would read the bias, not 0)", outer.node)
     else:
         return False  # two kxk convs grow the kernel and the cost: not a fold
-    weight, groups = algebra.compose(outer.weight, outer.groups, inner.weight, inner.groups)
-    bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
+    shape, groups = algebra.composed_shape(outer.weight.shape, outer.groups, inner.weight.shape, inner.groups)
     spec = replace(spec, groups=groups)
+    has_bias = outer.bias is not None or inner_bias is not None
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, _positions(inner)),
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
-                            cost.kernel_cost(weight, bias, _positions(outer)))
-    if why is not None and not _absorbed(gm, outer.node, inner.input, tuple(weight.shape[2:]), spec):
+                            _planned_cost(shape, has_bias, _positions(outer)))
+    if why is not None and not _absorbed(gm, outer.node, inner.input, tuple(shape[2:]), spec):
         if ops.conv(gm, outer.node) is None:
             return False  # a conv then a plain pooling: no structure to fold, nothing to report
         raise NotExact(f"{where}: not composed: {why}", outer.node)
+    weight, _ = algebra.compose(outer.weight, outer.groups, inner.weight, inner.groups)
+    bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
     emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage, name=outer.name,
          at=inner.node)
     return True
+
+
+def _planned_cost(shape: tuple[int, ...], has_bias: bool, positions: int) -> cost.Cost:
+    """The cost of a kernel of ``shape`` not computed yet (meta tensors hold its sizes, no values)."""
+    bias = torch.empty(shape[0], device="meta") if has_bias else None
+    return cost.kernel_cost(torch.empty(shape, device="meta"), bias, positions)
 
 
 def _fold_linear_pair(ctx: PassContext, outer: Layer) -> bool:
     inner = ops.linear(ctx.gm, outer.input)
     if inner is None or len(outer.input.users) != 1:
         return False
-    weight, _ = algebra.compose(outer.weight, 1, inner.weight, 1)
-    bias = algebra.compose_bias(outer.weight, outer.bias, 1, inner.bias)
+    shape, _ = algebra.composed_shape(outer.weight.shape, 1, inner.weight.shape, 1)
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, 1), cost.kernel_cost(outer.weight,
                                                                                             outer.bias, 1)],
-                            cost.kernel_cost(weight, bias, 1))
+                            _planned_cost(shape, outer.bias is not None or inner.bias is not None, 1))
     if why is not None:
         raise NotExact(f"{ctx.label(inner.node, 'linear')} then {ctx.label(outer.node, 'linear')}: not composed: "
                        f"{why}", outer.node)
+    weight, _ = algebra.compose(outer.weight, 1, inner.weight, 1)
+    bias = algebra.compose_bias(outer.weight, outer.bias, 1, inner.bias)
     emit(ctx.gm, outer.spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
          name=outer.name, at=inner.node)
     return True

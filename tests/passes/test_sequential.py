@@ -28,6 +28,30 @@ def test_depthwise_then_dense_pointwise_that_would_densify_is_refused():
     assert run.rewrites == 0 and "weights" in run.reasons
 
 
+def test_a_composition_refused_for_its_cost_is_never_computed(monkeypatch):
+    """The cost check reads the composed kernel's shape: a refused pair (fastvit_t8's depthwise 7x7 then its
+    expanding 1x1, 21.7M weights to compose for 0.46M, three rounds) costs nothing; computing each was 8.6 s of
+    that model's backend compile."""
+    from fxreparam import algebra
+
+    computed = []
+    compose = algebra.compose
+    monkeypatch.setattr(algebra, "compose", lambda *a: computed.append(a) or compose(*a))
+    model = nn.Sequential(nn.Conv2d(16, 16, 7, padding=3, groups=16), nn.Conv2d(16, 48, 1),
+                          nn.Flatten(), nn.Linear(48 * 36, 8), nn.Linear(8, 4000))
+    run = run_pass("sequential", model, torch.randn(1, 16, 6, 6))
+    assert run.rewrites == 0 and "weights" in run.reasons and computed == []
+
+
+def test_shapes_of_compositions_are_known_before_computing_them():
+    from fxreparam import algebra
+
+    for outer, go, inner, gi in [((8, 2, 3, 3), 4, (8, 8, 1, 1), 1), ((24, 16, 1, 1), 1, (16, 1, 7, 7), 16),
+                                 ((8, 8, 1, 1), 1, (8, 4, 3, 3), 1), ((5, 7), 1, (7, 3), 1)]:
+        weight, groups = algebra.compose(torch.randn(outer), go, torch.randn(inner), gi)
+        assert algebra.composed_shape(outer, go, inner, gi) == (tuple(weight.shape), groups)
+
+
 def test_pointwise_with_bias_then_zero_padded_kxk_is_refused():
     run = run_pass("sequential", nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)),
                    torch.randn(1, 4, 5, 5))
