@@ -134,7 +134,7 @@ def _region_reference(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: l
 
         return run
 
-    stored = [t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point() and t.dtype != torch.float64]
+    stored = any(t.is_floating_point() and t.dtype != torch.float64 for t in (*gm.parameters(), *gm.buffers()))
     gm64 = copy.deepcopy(gm).double() if stored else gm
     as64 = stored or any(x.is_floating_point() and x.dtype != torch.float64 for x in frozen.values())
     return Reference(call(gm, frozen), tuple(example_inputs[i] for i in keep),
@@ -157,6 +157,7 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
         raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
     start = time.perf_counter()
     keep = runtime_positions(gm, example_inputs)
+    frozen = len(example_inputs) - len(keep)
     passes = list_passes()
     folded, before, passlog, capture_seconds = _fold(gm, example_inputs, passes)
     runtime_inputs = [example_inputs[i] for i in keep]
@@ -203,7 +204,6 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
         target, keep = gm, list(range(len(example_inputs)))
         compiled = compile_with(inner, gm, example_inputs)
     compile_seconds = time.perf_counter() - tick
-    frozen = len(example_inputs) - len(runtime_positions(gm, example_inputs))
     if frozen >= _MANY_FROZEN:
         notes.append(f"{frozen} parameters and buffers frozen: Dynamo still checks its guards on the modules that "
                      "hold them at every call (about 2 ms for a thousand); the weights are frozen anyway, so "

@@ -68,7 +68,7 @@ class Captured:
 
     def check_inputs(self, args: tuple, kwargs: dict | None = None) -> None:
         """Raise :class:`ShapeError` where the captured graph's guards reject these inputs (runs no model code)."""
-        check_covers(self.gm, args, kwargs)
+        _check_covers(self.gm, args, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- guards
@@ -411,12 +411,19 @@ class _Exported:
     doubled: bool = False
 
 
-def check_covers(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
+def _check_covers(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
     """Raise :class:`ShapeError` where a captured graph's guards reject these inputs (runs no model code)."""
     guard = getattr(gm, GUARD, None)
     spec = getattr(gm, "_in_spec", None)
     if isinstance(guard, InputGuard) and spec is not None:
         guard(*_flatten_by_spec(args, kwargs or {}, spec))
+
+
+def _computes_example(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Whether a batch-of-two graph computes the model's outputs on the batch-1 example itself (a run of each)."""
+    with torch.no_grad():
+        return _same_outputs(model(*fresh_copies(args), **fresh_copies(kwargs)),
+                             gm(*fresh_copies(args), **fresh_copies(kwargs)))
 
 
 def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str], double: bool = True,
@@ -430,16 +437,15 @@ def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str
         try:
             program = _export_program(model, *doubled, DYNAMIC_DIMS)
             graph = _to_graph(program, args, kwargs)
-            check_covers(graph[0], args, kwargs)
-            if check:
-                with torch.no_grad():
-                    outputs = model(*fresh_copies(args), **fresh_copies(kwargs))
-                    if not _same_outputs(outputs, graph[0](*fresh_copies(args), **fresh_copies(kwargs))):
-                        raise CaptureError("the batch-of-two graph computes something else on the example")
-            notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
-            return _Exported(program, graph, doubled=True)
+            _check_covers(graph[0], args, kwargs)
+            if not check or _computes_example(model, graph[0], args, kwargs):
+                notes.append("batch size 1 example: captured on a batch of 2 copies so the batch stays dynamic")
+                return _Exported(program, graph, doubled=True)
+            notes.append("captured at batch size 1 only: the model computes something else at batch size 2")
         except Exception:  # the model pins its batch size, or needs the example's: capture it as given
             pass
+    elif not double and _batch_of_two(args, kwargs) is not None:
+        notes.append("batch size 1 example captured as given (double=False): its batch dim is static")
     if _auto() is not None:
         try:
             return _Exported(_export_program(model, args, kwargs, DYNAMIC_DIMS))
