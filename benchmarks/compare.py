@@ -11,6 +11,10 @@ of
       ``freezing`` on while Dynamo traces (it then keeps the weights on the graph instead of passing them on
       every call); the backend freezes the weights anyway
   (d) timm's hand-written reparameterize_model, then Inductor with freezing (timm models only)
+"Inductor with freezing" is freezing done as Inductor needs it: ``freezing`` on while Dynamo traces (b, d),
+else Dynamo passes the weights as inputs and Inductor's freezing passes never see them; fxreparam's own
+compiles (c, e, g) freeze the weights themselves. Each variant is compiled once, behind a ``forward`` of its
+own (Dynamo's compiled code is kept per code object).
 and the ratios (b)/(c), (d)/(c), (d)/(e) and (d)/(g) (above 1: fxreparam is faster). Writes a markdown table and a
 chart.
 
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -71,29 +76,49 @@ def build(name: str) -> tuple[nn.Module, int, bool]:
     return timm.create_model(name, pretrained=False), 224, True
 
 
+def own_frame(module: nn.Module, variant: str) -> nn.Module:
+    """``module`` behind a ``forward`` with a code object of its own. Dynamo keeps compiled code per code object:
+    variants compiled from one model class in one process would otherwise share cache entries (a second
+    ``torch.compile(model, backend="fxreparam")`` with other options reuses the first one's code) or walk past
+    each other's guards on every call."""
+
+    class Variant(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> object:
+            return self.inner(x)
+
+    code = Variant.forward.__code__.replace(co_name=f"forward_{variant}")
+    Variant.forward = types.FunctionType(code, Variant.forward.__globals__, code.co_name)
+    return Variant(module)
+
+
 def compiled(variant: str, model: nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], object], float]:
     """One variant of ``model``, and the seconds from the model to its first result (capture, folding,
-    verification and compilation included)."""
-    torch._dynamo.reset()
+    verification and compilation included). Inductor's ``freezing`` is on while Dynamo traces (b, d, g): only
+    then does Dynamo keep the weights on the graph, where Inductor's freezing passes find them;
+    ``options={"freezing": True}`` alone compiles them as inputs."""
     start = time.perf_counter()
+    frozen_trace = variant in ("b", "d", "g")
     if variant == "a":
         fn = model
     elif variant == "b":
-        fn = torch.compile(model, backend="inductor", options={"freezing": True})
+        fn = torch.compile(own_frame(model, variant), backend="inductor", options={"freezing": True})
     elif variant == "c":
         fn = fxreparam.optimize(model, x, backend="inductor")
     elif variant == "e":
-        fn = torch.compile(model, backend="fxreparam")
-    elif variant == "g":  # the freezing config matters while Dynamo traces: the first call below
-        fn = torch.compile(model, backend="fxreparam",
+        fn = torch.compile(own_frame(model, variant), backend="fxreparam")
+    elif variant == "g":
+        fn = torch.compile(own_frame(model, variant), backend="fxreparam",
                            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            fn(x)
     else:
         from timm.utils.model import reparameterize_model
 
-        fn = torch.compile(reparameterize_model(copy.deepcopy(model)), backend="inductor", options={"freezing": True})
-    with torch.no_grad():
+        fn = torch.compile(own_frame(reparameterize_model(copy.deepcopy(model)), variant), backend="inductor",
+                           options={"freezing": True})
+    with torch.no_grad(), torch._inductor.config.patch(freezing=frozen_trace):
         fn(x)
     return fn, time.perf_counter() - start
 

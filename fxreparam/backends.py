@@ -3,8 +3,8 @@
 ``torch.compile(model, backend="fxreparam")`` runs the pass pipeline on every graph Dynamo
 captures (graph breaks included, so a model no tracer takes whole still folds region by region)
 and hands the result to an inner compiler, Inductor by default (with its freezing on). Dynamo passes
-parameters and buffers as graph inputs; the backend *freezes* them, as Inductor's ``freezing`` does:
-their values are read once, at compile time, and the compiled model is for inference. Change a weight
+parameters and buffers as graph inputs; the backend *freezes* them (:mod:`fxreparam.frozen`), as Inductor's
+``freezing`` does: their values are read once, at compile time, and the compiled model is for inference. Change a weight
 and compile again (``torch._dynamo.reset()``). A region whose fold fails verification never breaks the
 user's ``torch.compile``: the pass to blame is named in a warning and the region's report, and the region
 is compiled without it (or unfolded).
@@ -20,19 +20,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from .deploy import INNER_COMPILERS, compile_with
 from .finalize import finalize
-from .graph import inline_layers
-from .meta import clean_path
+from .frozen import compile_frozen, freeze, runtime_positions
 from .mutation import mark_written
 from .pipeline import run_passes
 from .registry import Pass, list_passes
 from .report import Report, count_ops
 from .verify import Reference, Verification
 
-__all__ = ["freeze", "fxreparam_backend", "region_reports"]
+__all__ = ["fxreparam_backend", "region_reports"]
 
 log = logging.getLogger("fxreparam")
 
@@ -44,50 +43,6 @@ _MANY_FROZEN = 64  # frozen tensors from which a region's report points at Dynam
 def region_reports() -> list[Report]:
     """The reports of the graphs the ``"fxreparam"`` backend has compiled in this process, oldest first."""
     return list(_REPORTS)
-
-
-def _stored_tensor(node: fx.Node, value: Any) -> str | None:
-    """The model path of a placeholder that Dynamo lifted from a parameter or buffer, else ``None``."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    arg = node.meta.get("grapharg")
-    name = arg.source.name() if arg is not None and callable(getattr(arg.source, "name", None)) else (
-        getattr(getattr(arg, "source", None), "name", None))
-    if isinstance(name, str) and ("._parameters[" in name or "._buffers[" in name):
-        return clean_path(name)
-    if isinstance(value, nn.Parameter):
-        return node.name
-    return None
-
-
-def runtime_positions(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
-    """The positions of the region's inputs that are not parameters or buffers: what it takes at run time."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _stored_tensor(n, x) is None]
-
-
-def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
-    """Turn the placeholders that hold parameters and buffers into stored constants.
-
-    Returns the frozen graph module and the positions of the inputs it still takes.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    keep = runtime_positions(gm, example_inputs)
-    for node, value in zip(placeholders, example_inputs):
-        path = _stored_tensor(node, value)
-        if path is None:
-            continue
-        name = "".join(c if c.isalnum() else "_" for c in path)
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, value.detach())
-        with gm.graph.inserting_before(node):
-            const = gm.graph.get_attr(name)
-        const.meta.update(node.meta)
-        node.replace_all_uses_with(const)
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return gm, keep
 
 
 def functional(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
@@ -243,11 +198,7 @@ def _warn(message: str) -> None:
 
 
 def _compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    """The inner compile; Inductor gets the graph as Dynamo would give it (functional layers) and its freezing
-    treatment (the weights are constants of the graph now)."""
-    import torch._inductor.config
-
+    """The inner compile; Inductor gets its freezing treatment (the weights are constants of the graph now)."""
     if inner != "inductor":
         return compile_with(inner, gm, example_inputs)
-    with torch._inductor.config.patch(freezing=True):
-        return compile_with(inner, inline_layers(gm), example_inputs)
+    return compile_frozen(gm, example_inputs)

@@ -72,9 +72,10 @@ def deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: 
            ) -> Any:
     """``folded`` handed to ``backend`` (one of :data:`BACKENDS`) with its ``options``, checked first.
 
-    ``None``/``"eager"``: ``folded`` itself; ``"inductor"``: ``torch.compile`` with freezing (options are
-    Inductor config options); ``"aot_inductor"``: ``(runner, package_path)``, written to ``options["path"]``
-    or a fresh temporary directory (never the working directory); ``"tensorrt"``: see :func:`tensorrt`.
+    ``None``/``"eager"``: ``folded`` itself; ``"inductor"``: ``torch.compile`` with Inductor, weights frozen
+    (options are Inductor config options); ``"aot_inductor"``: ``(runner, package_path)``, written to
+    ``options["path"]`` or a fresh temporary directory (never the working directory); ``"tensorrt"``: see
+    :func:`tensorrt`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -85,7 +86,7 @@ def deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: 
     if args is None:
         raise ValueError(f"backend={backend!r} needs example inputs")
     if backend == "inductor":
-        compiled = torch.compile(folded, backend="inductor", options={"freezing": True, **options})
+        compiled = _inductor(folded, options)
         report = getattr(folded, "fxreparam_report", None)
         if report is not None:
             compiled.fxreparam_report = report
@@ -96,6 +97,18 @@ def deploy(folded: nn.Module, backend: str | None, args: tuple | None, options: 
             path = Path(tempfile.mkdtemp(prefix="fxreparam-aoti-")) / "folded.pt2"
         return aot_inductor(folded, args, path)
     return tensorrt(folded, args, **options)
+
+
+def _inductor(folded: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """``folded`` under ``torch.compile`` with Inductor and its freezing treatment (unless ``options`` turn
+    ``freezing`` off): the weights become constants of every graph Dynamo captures, whatever the config was
+    while it traced (``options={"freezing": True}`` alone leaves them graph inputs)."""
+    options = dict(options)
+    if not options.pop("freezing", True):
+        return torch.compile(folded, backend="inductor", options=options)
+    from .frozen import frozen_inductor
+
+    return torch.compile(folded, backend=frozen_inductor(options))
 
 
 def compile_with(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:

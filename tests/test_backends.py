@@ -138,6 +138,25 @@ def test_optimize_with_inductor_backend():
     assert fxreparam.report(compiled).after.conv == 2
 
 
+def test_optimize_with_inductor_freezes_the_weights_whatever_the_config_while_dynamo_traces():
+    """Inductor's freezing passes see only the weights Dynamo keeps on the graph, and it keeps them there only with
+    ``freezing`` on while it traces: ``options={"freezing": True}`` alone compiled them as inputs (read on every
+    call). A frozen compile reads them once: changing one afterwards leaves the output alone."""
+    model = repvgg_like()
+    x = torch.randn(2, 4, 6, 6)
+    compiled = fxreparam.optimize(model, x, backend="inductor")
+    with torch.no_grad():
+        assert rel_err(model(x), compiled(torch.cat([x, x, x]))[:2]) < 1e-5  # another batch size: compiled again
+        before = compiled(x)
+        next(compiled._orig_mod.parameters()).mul_(2.0)
+        assert torch.equal(compiled(x), before)
+    unfrozen = fxreparam.optimize(model, x, backend="inductor", backend_options={"freezing": False})
+    with torch.no_grad():
+        before = unfrozen(x)
+        next(unfrozen._orig_mod.parameters()).mul_(2.0)
+        assert not torch.equal(unfrozen(x), before)
+
+
 def test_save_and_load_in_a_fresh_process(tmp_path):
     model = repvgg_like()
     x = torch.randn(2, 4, 6, 6)

@@ -356,6 +356,30 @@ def test_passes_lists_every_registered_pass(capsys):
         assert name in out
 
 
+def test_compare_benchmark_compiles_each_variant_once_and_for_itself():
+    """The variants are timed taking turns: each must run code compiled for it, once. Dynamo keeps compiled code
+    per code object, so a second torch.compile of one model with other options reused the first one's code
+    (the benchmark's (g) ran (e)'s), and a reset between variants made every one compile again without its
+    settings. Each variant now has a forward of its own, holding exactly its own compiled entry."""
+    from torch import nn
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fns = {variant: compare.compiled(variant, model, x)[0] for variant in ("e", "g")}
+    with torch.no_grad():
+        for fn in fns.values():
+            assert torch.allclose(fn(x), model(x), atol=1e-5)
+    codes = {variant: fn._orig_mod.forward.__code__ for variant, fn in fns.items()}
+    assert codes["e"] is not codes["g"]
+    assert all(len(_debug_get_cache_entry_list(code)) == 1 for code in codes.values())
+
+
 @pytest.mark.slow  # about a minute of Inductor compiles
 def test_compare_benchmark_cpu_quick(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(tmp_path)],
