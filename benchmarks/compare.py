@@ -3,7 +3,7 @@
 For each model, batch size, dtype and thread count, the median forward time (the variants take turns, run by run)
 of
   (a) eager, training structure
-  (b) Inductor with freezing on the training structure (what users do today)
+  (b) Inductor with freezing on the training structure (what users can do today without fxreparam)
   (c) fxreparam.optimize(model, x, backend="inductor"): fold, verify, Inductor with freezing
   (e) torch.compile(model, backend="fxreparam"): Dynamo, fold, verify, Inductor with freezing
   (g) as (e), with the module frozen for Dynamo too: its guards on module attributes skipped
@@ -11,12 +11,14 @@ of
       ``freezing`` on while Dynamo traces (it then keeps the weights on the graph instead of passing them on
       every call); the backend freezes the weights anyway
   (d) timm's hand-written reparameterize_model, then Inductor with freezing (timm models only)
-"Inductor with freezing" is freezing done as Inductor needs it: ``freezing`` on while Dynamo traces (b, d),
-else Dynamo passes the weights as inputs and Inductor's freezing passes never see them; fxreparam's own
-compiles (c, e, g) freeze the weights themselves. Each variant is compiled once, behind a ``forward`` of its
-own (Dynamo's compiled code is kept per code object).
 and the ratios (b)/(c), (d)/(c), (d)/(e) and (d)/(g) (above 1: fxreparam is faster). Writes a markdown table and a
 chart.
+
+"Inductor with freezing" is freezing done as Inductor needs it: ``freezing`` on (and autograd off) while Dynamo
+traces (b, d), else Dynamo passes the weights as inputs and Inductor's freezing passes never see them;
+fxreparam's own compiles (c, e, g) freeze the weights themselves. Each variant is compiled once, behind a
+``forward`` of its own (Dynamo's compiled code is kept per code object; code resumed after a graph break
+inside the model would still be shared, which none of the default models has).
 
 Compile time (from the model to the first result: capture, folding, verification and compilation) is measured
 for each variant in a process of its own, at the first batch size and thread count given: *cold* with an empty
@@ -191,7 +193,7 @@ def measure(name: str, batch: int, dtype: torch.dtype, device: str, size: int | 
             print(f"  {name} ({variant}) {VARIANTS[variant]}: compile {cold['seconds']:.1f} s cold, "
                   f"{warm['seconds']:.1f} s warm", file=sys.stderr, flush=True)
         fns[variant], _ = compiled(variant, model, x)
-    # Each variant keeps its own compiled code (Dynamo's cache is per function object), so they can take turns.
+    # Each variant keeps its own compiled code (own_frame), so they can take turns.
     row.update(time_interleaved(fns, x, repeat))
     return row
 

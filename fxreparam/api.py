@@ -162,7 +162,7 @@ def optimize(
             against a float64 run of the original, on the examples, one random input set and, where the
             capture is dynamic, another batch size.
         backend: ``None``/``"eager"`` returns the folded module; ``"inductor"`` that module under
-            ``torch.compile``, its weights frozen into Inductor's constants (for inference); ``"aot_inductor"``
+            ``torch.compile``, weights frozen into Inductor's constants under ``no_grad``; ``"aot_inductor"``
             a ``(runner, package_path)`` pair; ``"tensorrt"`` a TensorRT module (see :func:`fxreparam.deploy.deploy`).
         example_kwargs: keyword inputs of ``forward``.
         capture: ``"auto"``, ``"export"`` or ``"symbolic_trace"`` (fastest on very deep models).

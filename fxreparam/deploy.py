@@ -104,8 +104,9 @@ def _inductor(folded: nn.Module, options: dict[str, Any]) -> nn.Module:
     ``freezing`` off): the weights become constants of every graph Dynamo captures, whatever the config was
     while it traced (``options={"freezing": True}`` alone leaves them graph inputs)."""
     options = dict(options)
-    if not options.pop("freezing", True):
+    if not options.get("freezing", True):
         return torch.compile(folded, backend="inductor", options=options)
+    options.pop("freezing", None)
     from .frozen import frozen_inductor
 
     return torch.compile(folded, backend=frozen_inductor(options))

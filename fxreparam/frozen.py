@@ -74,19 +74,25 @@ def compile_frozen(gm: fx.GraphModule, example_inputs: list[Any], config: dict[s
     import torch._inductor.config
     from torch._inductor.compile_fx import compile_fx
 
-    with torch._inductor.config.patch({"freezing": True, **(config or {})}):
+    with torch._inductor.config.patch({**(config or {}), "freezing": True}):
         return compile_fx(inline_layers(gm), example_inputs)
 
 
 def frozen_inductor(config: dict[str, Any] | None = None) -> Callable[..., Callable[..., Any]]:
-    """A torch.compile backend: Inductor with ``config``, its freezing treatment applied to every weight.
-
-    The compiled code reads the weights once, at compile time: the module is compiled for inference.
-    """
+    """A torch.compile backend: Inductor with ``config``, its freezing treatment applied to every weight of a
+    graph traced without autograd (the inference compile); with autograd on, Inductor as it is, so gradients
+    still reach the weights (Dynamo guards on grad mode: each mode gets its own compile)."""
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        if torch.is_grad_enabled():
+            return compile_fx(gm, list(example_inputs), config_patches=config or {})
+        keep = runtime_positions(gm, example_inputs)
+        if len(keep) == len(example_inputs):  # the weights are on the graph already (freezing on while tracing)
+            return compile_fx(gm, list(example_inputs), config_patches={**(config or {}), "freezing": True})
         frozen, keep = freeze(copy.deepcopy(gm), example_inputs)
-        frozen = fx.GraphModule(frozen, frozen.graph)  # without Dynamo's metadata, which names the lifted inputs
+        frozen = fx.GraphModule(frozen, frozen.graph)  # without gm.meta: Dynamo's names of the lifted inputs
         compiled = compile_frozen(frozen, [example_inputs[i] for i in keep], config)
 
         def run(*args: Any) -> Any:

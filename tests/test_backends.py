@@ -89,7 +89,8 @@ def test_weights_dynamo_installs_on_the_graph_are_verified_in_float64_too():
     """With Inductor's freezing on while tracing, Dynamo puts the weights on the graph instead of passing them as
     inputs: the region's float64 reference must convert them too, else it does not run, the allowed error falls to
     the float32 floor, and an exact fold of an ill-conditioned region (timm mobileone_s0) is rejected."""
-    from fxreparam.backends import _region_reference, runtime_positions
+    from fxreparam.backends import _region_reference
+    from fxreparam.frozen import runtime_positions
 
     torch._dynamo.reset()
     seen = []
@@ -138,23 +139,34 @@ def test_optimize_with_inductor_backend():
     assert fxreparam.report(compiled).after.conv == 2
 
 
-def test_optimize_with_inductor_freezes_the_weights_whatever_the_config_while_dynamo_traces():
-    """Inductor's freezing passes see only the weights Dynamo keeps on the graph, and it keeps them there only with
-    ``freezing`` on while it traces: ``options={"freezing": True}`` alone compiled them as inputs (read on every
-    call). A frozen compile reads them once: changing one afterwards leaves the output alone."""
+def test_optimize_with_inductor_freezes_the_weights_whatever_the_config_while_dynamo_traces(monkeypatch):
+    """Inductor's freezing passes see only the weights on the graph, and Dynamo keeps them there only with
+    ``freezing`` on while it traces: ``options={"freezing": True}`` alone compiled them as inputs. Inductor now
+    gets a graph whose only input is ``x``; with autograd on, the weights stay inputs and get gradients."""
+    import fxreparam.frozen
+
+    compiled_inputs = []
+    compile_frozen = fxreparam.frozen.compile_frozen
+
+    def spy(gm, example_inputs, config=None):
+        compiled_inputs.append(len([n for n in gm.graph.nodes if n.op == "placeholder"]))
+        return compile_frozen(gm, example_inputs, config)
+
+    monkeypatch.setattr(fxreparam.frozen, "compile_frozen", spy)
     model = repvgg_like()
     x = torch.randn(2, 4, 6, 6)
     compiled = fxreparam.optimize(model, x, backend="inductor")
     with torch.no_grad():
-        assert rel_err(model(x), compiled(torch.cat([x, x, x]))[:2]) < 1e-5  # another batch size: compiled again
-        before = compiled(x)
-        next(compiled._orig_mod.parameters()).mul_(2.0)
-        assert torch.equal(compiled(x), before)
+        assert rel_err(model(x), compiled(x)) < 1e-5
+        assert rel_err(model(torch.cat([x, x, x])), compiled(torch.cat([x, x, x]))) < 1e-5  # compiled again
+    assert compiled_inputs[0] == 1 and len(compiled_inputs) == 2  # x only (then x and its symbolic batch size)
+    compiled(x).sum().backward()  # autograd on: compiled as it is, gradients reach the folded weights
+    assert all(p.grad is not None for p in compiled._orig_mod.parameters())
     unfrozen = fxreparam.optimize(model, x, backend="inductor", backend_options={"freezing": False})
     with torch.no_grad():
         before = unfrozen(x)
         next(unfrozen._orig_mod.parameters()).mul_(2.0)
-        assert not torch.equal(unfrozen(x), before)
+        assert not torch.equal(unfrozen(x), before)  # the weights are inputs: a change is seen
 
 
 def test_save_and_load_in_a_fresh_process(tmp_path):
