@@ -24,7 +24,7 @@ from torch import fx
 
 from .deploy import INNER_COMPILERS, compile_with
 from .finalize import finalize
-from .frozen import compile_frozen, freeze, runtime_positions
+from .frozen import compile_frozen, freeze, on_runtime_inputs, runtime_positions
 from .mutation import mark_written
 from .pipeline import run_passes
 from .registry import Pass, list_passes
@@ -176,10 +176,7 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
              sum(before.as_dict().values()) - before.parameters, report.after.conv, report.after.batch_norm,
              optimize_seconds, inner)
 
-    def run(*args: Any) -> Any:
-        return compiled(*[args[i] for i in keep])
-
-    return run
+    return on_runtime_inputs(compiled, keep)
 
 
 def _culprit(gm: fx.GraphModule, example_inputs: Sequence[Any], reference: Reference, passes: list[Pass],

@@ -20,7 +20,7 @@ from torch import fx, nn
 from .graph import inline_layers
 from .meta import clean_path
 
-__all__ = ["compile_frozen", "freeze", "frozen_inductor", "runtime_positions"]
+__all__ = ["compile_frozen", "freeze", "frozen_inductor", "on_runtime_inputs", "runtime_positions"]
 
 
 def _stored_tensor(node: fx.Node, value: Any) -> str | None:
@@ -67,6 +67,15 @@ def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphM
     return gm, keep
 
 
+def on_runtime_inputs(compiled: Callable[..., Any], keep: list[int]) -> Callable[..., Any]:
+    """``compiled`` called with Dynamo's whole input list: only the inputs at ``keep`` (not frozen) reach it."""
+
+    def run(*args: Any) -> Any:
+        return compiled(*[args[i] for i in keep])
+
+    return run
+
+
 def compile_frozen(gm: fx.GraphModule, example_inputs: list[Any], config: dict[str, Any] | None = None
                    ) -> Callable[..., Any]:
     """Inductor on a graph whose weights are constants, with its freezing passes on (they apply only without
@@ -93,11 +102,6 @@ def frozen_inductor(config: dict[str, Any] | None = None) -> Callable[..., Calla
             return compile_fx(gm, list(example_inputs), config_patches={**(config or {}), "freezing": True})
         frozen, keep = freeze(copy.deepcopy(gm), example_inputs)
         frozen = fx.GraphModule(frozen, frozen.graph)  # without gm.meta: Dynamo's names of the lifted inputs
-        compiled = compile_frozen(frozen, [example_inputs[i] for i in keep], config)
-
-        def run(*args: Any) -> Any:
-            return compiled(*[args[i] for i in keep])
-
-        return run
+        return on_runtime_inputs(compile_frozen(frozen, [example_inputs[i] for i in keep], config), keep)
 
     return backend
