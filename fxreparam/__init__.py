@@ -22,6 +22,7 @@ from .expand import expand
 from .graph import emit
 from .pipeline import BUILTIN_ORDER
 from .registry import (
+    Costlier,
     NotExact,
     Pass,
     PassContext,
@@ -41,6 +42,7 @@ __all__ = [
     "BUILTIN_ORDER",
     "CaptureError",
     "CaptureInputError",
+    "Costlier",
     "FxReparamError",
     "NotExact",
     "OpCounts",

@@ -27,6 +27,7 @@ from .graph import live_nodes
 from .meta import module_path
 
 __all__ = [
+    "Costlier",
     "NotExact",
     "Pass",
     "PassContext",
@@ -41,11 +42,20 @@ __all__ = [
 
 
 class NotExact(Exception):
-    """A rule matched but declines to fold: the fold would not be exact, or would cost more (the reason says)."""
+    """A rule matched but refuses to fold: the fold would not be exact (the reason says why)."""
+
+    kind = "refused"
 
     def __init__(self, reason: str, node: fx.Node | None = None) -> None:
         super().__init__(reason)
         self.node = node
+
+
+class Costlier(NotExact):
+    """A rule matched and the fold would be exact, but it declines it: the result would cost more (the reason
+    says what). Reported as "declined (costlier)", apart from the refusals for exactness."""
+
+    kind = "declined"
 
 
 class PassError(FxReparamError):
@@ -59,11 +69,18 @@ class PassError(FxReparamError):
 
 @dataclass(frozen=True)
 class Refusal:
-    """A match a pass declined to fold because the fold would not be exact, with the reason."""
+    """A match a pass left alone, with the reason: ``kind`` is ``"refused"`` (the fold would not be exact) or
+    ``"declined"`` (exact, but costlier than what it replaces)."""
 
     pass_name: str
     node: str
     reason: str
+    kind: str = "refused"
+
+    @property
+    def declined(self) -> bool:
+        """Whether the fold was exact and declined for its cost (not refused for exactness)."""
+        return self.kind == "declined"
 
     def __str__(self) -> str:
         return f"[{self.pass_name}] {self.reason}"
@@ -87,9 +104,11 @@ class PassContext:
     def graph(self) -> fx.Graph:
         return self.gm.graph
 
-    def refuse(self, node: fx.Node, reason: str) -> None:
-        """Record that ``node`` matched but was left alone, and why (shown in the report)."""
-        self.refusals[(self.pass_name, node.name)] = Refusal(self.pass_name, node.name, reason)
+    def refuse(self, node: fx.Node, reason: str, *, costlier: bool = False) -> None:
+        """Record that ``node`` matched but was left alone, and why (shown in the report); ``costlier``: the fold
+        was exact and declined for its cost."""
+        kind = "declined" if costlier else "refused"
+        self.refusals[(self.pass_name, node.name)] = Refusal(self.pass_name, node.name, reason, kind)
 
     def label(self, node: fx.Node, kind: str | None = None) -> str:
         """``kind 'model.path'``: how messages name a node."""
@@ -128,7 +147,7 @@ class Pass:
         try:
             return int(bool(self.fn(ctx, node)))
         except NotExact as why:
-            ctx.refuse(why.node or node, str(why))
+            ctx.refuse(why.node or node, str(why), costlier=why.kind == "declined")
             return 0
 
     def _guarded(self, run: Callable[[], int], node: fx.Node | None) -> int:
