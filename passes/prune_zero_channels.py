@@ -4,7 +4,9 @@ with the matching input channels of every consumer (ResRep's lossless pruning, R
 A zero channel stays zero through ReLU-like activations, pooling over the dims after the channel
 axis, and dropout; it is removed where every consumer downstream of those is a conv (groups 1)
 or linear layer reading it, or a ``flatten`` feeding linear layers. Any other consumer (an add,
-a cat, the output, a pool that reaches the channel axis) needs the channel, and the pass says so.
+a cat, the output, a pool that reaches the channel axis) needs the channel, and the pass says so. A grouped or depthwise
+producer keeps equal groups over the same inputs: it loses the same number of zero channels from every group,
+or none.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def prune_zero_channels(ctx: PassContext, node: fx.Node) -> bool:
         zero &= layer.bias == 0
     if not zero.any() or zero.all():
         return False
+    keep = _kept_channels(zero, layer.groups)
+    if isinstance(keep, str):
+        raise NotExact(f"{ctx.label(node, 'layer')}: {int(zero.sum())} zero output channels kept: {keep}")
     out_rank = rank(node)
     if out_rank is None:
         raise NotExact(f"{ctx.label(node, 'layer')}: {int(zero.sum())} zero output channels kept: the rank of its "
@@ -76,7 +81,6 @@ def prune_zero_channels(ctx: PassContext, node: fx.Node) -> bool:
         layers, passed = _consumers(ctx, node, layer.out_channels, layer.spec.channel_dim(out_rank))
     except NotExact as why:
         raise NotExact(f"{ctx.label(node, 'layer')}: {int(zero.sum())} zero output channels kept: {why}") from None
-    keep = ~zero
     for consumer, span in layers:
         columns = keep.repeat_interleave(span)
         emit(ctx.gm, consumer.spec, consumer.weight[:, columns], consumer.bias, input=consumer.input,
@@ -89,6 +93,21 @@ def prune_zero_channels(ctx: PassContext, node: fx.Node) -> bool:
     for n in views:  # and a view to explicit sizes would too
         _as_flatten(ctx.graph, n)
     return True
+
+
+def _kept_channels(zero: torch.Tensor, groups: int) -> torch.Tensor | str:
+    """The output channels to keep: every group of a grouped conv must keep as many as the others (its outputs
+    stay in contiguous equal groups over the same inputs), so each drops its first ``m`` zero channels, ``m`` the
+    fewest zeros any group has; why not, where that is none."""
+    if groups == 1:
+        return ~zero
+    per_group = zero.reshape(groups, -1)
+    removable = int(per_group.sum(1).min())
+    if removable == 0:
+        return (f"the conv has {groups} groups and some group has no zero channel: a grouped conv loses channels "
+                "only as the same number from every group")
+    rank_in_group = per_group.cumsum(1)  # the how-manieth zero of its group each channel is
+    return ~(per_group & (rank_in_group <= removable)).reshape(-1)
 
 
 def _is_flatten(node: fx.Node) -> bool:

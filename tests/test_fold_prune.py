@@ -50,3 +50,21 @@ def test_a_grouped_consumer_keeps_the_channel():
     rep = fxreparam.report(fold(model, torch.randn(2, 4, 6, 6)))
     assert rep.rewrites["prune_zero_channels"] == 0
     assert any("grouped" in r.reason for r in rep.refusals)
+
+
+def test_zero_channels_of_grouped_producers_fold_exactly_or_are_kept_without_verification():
+    def zeroed(conv, channels):
+        with torch.no_grad():
+            conv.weight[list(channels)] = 0
+            conv.bias[list(channels)] = 0
+        return conv
+
+    for conv, channels, x in ((nn.Conv2d(4, 4, 3, groups=2), (0, 1), torch.randn(2, 4, 6, 6)),
+                              (nn.Conv2d(4, 6, 3, groups=2), (1, 5), torch.randn(2, 4, 6, 6)),
+                              (nn.Conv2d(4, 4, 3, groups=4), (2,), torch.randn(2, 4, 6, 6)),
+                              (nn.Conv3d(4, 4, 3, groups=2), (1,), torch.randn(2, 4, 5, 5, 5))):
+        consumer = (nn.Conv2d if conv.weight.dim() == 4 else nn.Conv3d)(conv.out_channels, 3, 1)
+        model = nn.Sequential(zeroed(conv, channels), nn.ReLU(), consumer).eval()
+        folded = fxreparam.optimize(model, (x,), verify=False)
+        with torch.no_grad():
+            assert (folded(x) - model(x)).abs().max() < 1e-5

@@ -53,3 +53,26 @@ def test_pool_over_the_channel_axis_of_a_conv1d_output_keeps_them():
     model = nn.Sequential(_with_zero_channels(nn.Conv1d(3, 6, 3)), nn.MaxPool2d((3, 1)), nn.Conv1d(2, 2, 1))
     run = run_pass("prune_zero_channels", model, torch.randn(1, 3, 9))
     assert run.rewrites == 0 and run.error < 1e-6
+
+
+def test_grouped_producer_loses_the_same_number_of_zero_channels_from_every_group():
+    model = nn.Sequential(_with_zero_channels(nn.Conv2d(4, 6, 3, groups=2), (0, 4)), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    run = run_pass("prune_zero_channels", model, torch.randn(1, 4, 6, 6))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+    grouped = run.layers(nn.Conv2d)[0]
+    assert (grouped.out_channels, grouped.groups) == (4, 2)
+
+
+def test_grouped_producer_with_zeros_in_one_group_only_keeps_them():
+    model = nn.Sequential(_with_zero_channels(nn.Conv2d(4, 4, 3, groups=2), (0, 1)), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    run = run_pass("prune_zero_channels", model, torch.randn(1, 4, 6, 6))
+    assert (run.rewrites, run.error < 1e-6) == (0, True)
+    assert "same number from every group" in run.reasons
+
+
+def test_depthwise_and_grouped_3d_producers_keep_a_lone_zero_channel():
+    for conv, consumer, x in ((nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1), torch.randn(1, 4, 6, 6)),
+                              (nn.Conv3d(4, 4, 3, groups=2), nn.Conv3d(4, 2, 1), torch.randn(1, 4, 5, 5, 5))):
+        run = run_pass("prune_zero_channels", nn.Sequential(_with_zero_channels(conv, (1,)), consumer), x)
+        assert (run.rewrites, run.error < 1e-6) == (0, True)
+        assert "groups" in run.reasons
