@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import algebra, cost, ops
+from . import algebra, cost, crops, ops
 from .graph import insert_layer, position
 from .graph import replace as replace_node
 from .meta import Storage, concrete_shape, module_path, rank, storage
@@ -26,7 +26,7 @@ from .registry import PassContext
 from .spec import ConvSpec, Layer
 
 __all__ = ["Branch", "as_branch", "fold_sum", "identity_branch", "merge", "pool_as_conv", "stack", "sum_root",
-           "sum_terms"]
+           "sum_terms", "why_reads_differ"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Branch:
     label: str
     name: str
     from_conv: bool = False  # a real conv of the model (not an identity, BN-only or pooling branch)
+    unread_crop: crops.CropRead | None = None  # a crop of ``input`` that could not be read through (REPARAM §10)
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -104,6 +105,17 @@ def pool_as_conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     return Layer(node, pool.input, spec, weight, None, pool.name)
 
 
+def _uncropped(branch: Branch) -> Branch:
+    """``branch`` read through the symmetric crop of its input, where crop and padding compose into one padding
+    (REPARAM §10); else as it is, noting why."""
+    read = crops.read_through_crop(branch.input, branch.spec.padding)
+    if read is None:
+        return branch
+    if read.padding is None:
+        return replace(branch, unread_crop=read)
+    return replace(branch, input=read.source, spec=replace(branch.spec, padding=read.padding))
+
+
 def as_branch(gm: fx.GraphModule, node: fx.Node, dims: int | None = None) -> Branch | None:
     """Read ``node`` as a convolution of an earlier tensor: a conv, an exact average pool, or a BN or
     per-channel affine of a single-consumer branch (or, given the conv ``dims``, of a bare tensor)."""
@@ -114,13 +126,9 @@ def as_branch(gm: fx.GraphModule, node: fx.Node, dims: int | None = None) -> Bra
         is_conv = ops.conv(gm, node) is not None
         bias = algebra.exact(layer.bias) if layer.bias is not None else None
         kind = "conv" if is_conv else "avg-pool"
-        source, spec = layer.input, layer.spec
-        cropped = ops.symmetric_crop(layer.input, spec.dims) if spec.padding_mode == "zeros" else None
-        if cropped is not None:  # REPARAM §10: a crop by c then padding p is padding p - c (negative: a crop)
-            source, crops = cropped
-            spec = replace(spec, padding=tuple(p - c for p, c in zip(spec.padding, crops)))
-        return Branch(source, spec, algebra.exact(layer.weight), bias, layer.storage, f"{kind} '{layer.name}'",
-                      layer.name, is_conv)
+        branch = Branch(layer.input, layer.spec, algebra.exact(layer.weight), bias, layer.storage,
+                        f"{kind} '{layer.name}'", layer.name, is_conv)
+        return _uncropped(branch)
     affine = ops.channel_affine(gm, node)
     if affine is None:
         return None
@@ -138,6 +146,13 @@ def as_branch(gm: fx.GraphModule, node: fx.Node, dims: int | None = None) -> Bra
     weight, bias = algebra.affine_after(inner.weight, inner.bias, vectors, groups=inner.spec.groups)
     kind = "bn" if affine.kind == "batch norm" else affine.kind
     return replace(inner, weight=weight, bias=bias, label=f"{kind} '{affine.name}' of {inner.label}", name=affine.name)
+
+
+def why_reads_differ(source: fx.Node) -> str | None:
+    """Why reads of ``source`` may not be merged into one read or moved to the first: it may be written in place
+    between them (a ``symbolic_trace`` graph, REPARAM's effects); ``None`` where every read sees one value."""
+    why = ops.opaque(source)
+    return f"its branches read {source.name} at different points: {why}" if why else None
 
 
 # ----------------------------------------------------------------------------- sums
@@ -309,6 +324,9 @@ def _read_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]], with_identit
         if branch is not None and len(term.users) > 1:  # read elsewhere too: it can only be an identity term
             blocked.setdefault(branch.input, []).append(f"{branch.label}: its output has another consumer")
             branch = None
+        if branch is not None and branch.unread_crop is not None:
+            crop = branch.unread_crop
+            blocked.setdefault(crop.source, []).append(f"{branch.label} not merged: {crop.why_not}")
         if branch is None:
             pending.append((i, term, coef))
         else:
@@ -376,8 +394,8 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
             continue
         if not any(b.from_conv for _, b, _ in members):
             continue  # bn(x) + bn(x), x + x: elementwise ops are cheaper than the conv they would become
-        if ops.opaque(source):
-            ctx.refuse(root, f"{where}: its branches read {source.name} at different points: {ops.opaque(source)}")
+        if why_reads_differ(source):
+            ctx.refuse(root, f"{where}: {why_reads_differ(source)}")
             continue
         merged, refused = merge([b for _, b, _ in members])
         for b, why in refused:
