@@ -4,14 +4,13 @@ RepVGG, ACNet, DBB and MobileOne blocks are sums whose terms are convs, BN-only 
 the identity, all reading one tensor. :func:`sum_terms` flattens an add/sub tree into signed
 terms; :func:`as_branch` reads a term as a conv of an input (a conv, a BN or per-channel affine
 of something, an exact average pool, or the bare input itself); :func:`merge` checks
-REPARAM §3's conditions and builds the single kernel with :mod:`fxreparam.algebra`;
-:func:`fold_sum` rewrites one sum, for the ``branch_sum`` and ``identity`` passes.
+REPARAM §3's conditions and builds the single kernel with :mod:`fxreparam.algebra`; the
+``branch_sum`` and ``identity`` passes rewrite the sums (``passes/branch_sum.py``).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,13 +18,10 @@ import torch
 from torch import fx
 
 from . import algebra, cost, crops, ops
-from .graph import insert_layer, position
-from .graph import replace as replace_node
 from .meta import Storage, concrete_shape, module_path, rank, storage
-from .registry import PassContext
 from .spec import ConvSpec, Layer
 
-__all__ = ["Branch", "as_branch", "fold_sum", "identity_branch", "merge", "pool_as_conv", "stack", "sum_root",
+__all__ = ["Branch", "as_branch", "common_path", "identity_branch", "merge", "pool_as_conv", "stack", "sum_root",
            "sum_terms", "why_reads_differ"]
 
 
@@ -252,7 +248,7 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     mode = next((t.spec.padding_mode for t in taken if any(t.spec.padding)), "zeros")
     spec = ConvSpec(big.spec.stride, padding, dilation, groups, padding_mode=mode)
     stored = next((t.storage for t in taken if t.from_conv), big.storage)
-    name = _common_path([t.name for t in taken]) or big.name
+    name = common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
     return Branch(big.input, spec, weight, bias, stored, label, name, any(t.from_conv for t in taken)), refused
 
@@ -277,7 +273,7 @@ def stack(parts: list[Branch]) -> tuple[Branch | None, str | None]:
         [b.bias if b.bias is not None else b.weight.new_zeros(b.out_channels) for b in parts])
     mode = next((b.spec.padding_mode for b in parts if any(b.spec.padding)), "zeros")
     spec = ConvSpec(big.spec.stride, padding, dilation, 1, padding_mode=mode)
-    name = _common_path([b.name for b in parts]) or big.name
+    name = common_path([b.name for b in parts]) or big.name
     return Branch(big.input, spec, weight, bias, big.storage, " | ".join(b.label for b in parts), name, True), None
 
 
@@ -294,7 +290,8 @@ def _undilated(b: Branch) -> Branch:
     return replace(b, spec=spec, weight=algebra.undilate(b.weight, _dilation(b)))
 
 
-def _common_path(paths: list[str]) -> str:
+def common_path(paths: list[str]) -> str:
+    """The longest dotted module path that ``paths`` all start with (the merged layer's name)."""
     parts = [p.split(".") for p in paths]
     common: list[str] = []
     for column in zip(*parts):
@@ -302,133 +299,3 @@ def _common_path(paths: list[str]) -> str:
             break
         common.append(column[0])
     return ".".join(common)
-
-
-# ----------------------------------------------------------------------------- rewriting one sum
-
-
-def _read_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]], with_identity: bool
-                ) -> tuple[dict[fx.Node, list[tuple[int, Branch, bool]]], dict[fx.Node, list[str]]]:
-    """Each term as a branch, grouped by the tensor it reads; and why some terms could not join a group.
-
-    Bare tensors (and affine maps of shared ones) are read as identity branches only where their group
-    has a conv, whose spatial rank they then take.
-    """
-    groups: dict[fx.Node, list[tuple[int, Branch, bool]]] = {}
-    blocked: dict[fx.Node, list[str]] = {}
-    pending: list[tuple[int, fx.Node, float]] = []
-    for i, (term, coef) in enumerate(terms):
-        if not isinstance(term, fx.Node):
-            continue  # a constant term stays as it is
-        branch = as_branch(gm, term)
-        if branch is not None and len(term.users) > 1:  # read elsewhere too: it can only be an identity term
-            blocked.setdefault(branch.input, []).append(f"{branch.label}: its output has another consumer")
-            branch = None
-        if branch is not None and branch.unread_crop is not None:
-            crop = branch.unread_crop
-            blocked.setdefault(crop.source, []).append(f"{branch.label} not merged: {crop.why_not}")
-        if branch is None:
-            pending.append((i, term, coef))
-        else:
-            groups.setdefault(branch.input, []).append((i, branch.scaled(coef), False))
-    for i, term, coef in pending:
-        affine = ops.channel_affine(gm, term)
-        source = affine.input if affine is not None and len(affine.input.users) > 1 else term
-        convs = [b for _, b, _ in groups.get(source, []) if b.from_conv]
-        if not convs:
-            continue
-        is_identity = source is term
-        if is_identity and not with_identity:
-            continue
-        branch = identity_branch(term, convs[0].spec.dims) if is_identity else as_branch(gm, term,
-                                                                                         convs[0].spec.dims)
-        if branch is not None:
-            groups[source].append((i, branch.scaled(coef), is_identity))
-    return groups, blocked
-
-
-def _linear_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]]) -> dict[fx.Node, list[tuple[int, Layer, float]]]:
-    """The terms that are linear layers read by nothing else, grouped by the tensor they read."""
-    groups: dict[fx.Node, list[tuple[int, Layer, float]]] = {}
-    for i, (term, coef) in enumerate(terms):
-        layer = ops.linear(gm, term) if isinstance(term, fx.Node) and len(term.users) == 1 else None
-        if layer is not None:
-            groups.setdefault(layer.input, []).append((i, layer, coef))
-    return groups
-
-
-def _sum_linears(members: list[tuple[int, Layer, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kernel and bias of ``sum(coef * linear(x))``: the scaled weights and biases added."""
-    weight = algebra.sum_kernels([algebra.exact(layer.weight) * coef for _, layer, coef in members])
-    biases = [algebra.exact(layer.bias) * coef for _, layer, coef in members if layer.bias is not None]
-    return weight, algebra.sum_kernels(biases) if biases else None
-
-
-def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node) -> fx.Node:
-    """``sum(coef * term)`` as add/sub/mul nodes placed before ``before``; the first part has coef 1."""
-    with graph.inserting_before(before):
-        acc = parts[0][0]
-        for term, coef in parts[1:]:
-            op = operator.sub if coef < 0 else operator.add
-            if abs(coef) != 1.0:
-                term = graph.call_function(operator.mul, (term, abs(coef)))
-            acc = graph.call_function(op, (acc, term))
-            acc.meta.update(before.meta)
-    return acc
-
-
-def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
-    """Merge the aligned branches of the sum at ``root`` into convs; with ``with_identity`` only groups that hold
-    a bare-tensor (identity) term. Refusals are recorded in ``ctx``; returns whether anything merged."""
-    terms = sum_terms(root)
-    if len(terms) < 2:
-        return False
-    groups, blocked = _read_terms(ctx.gm, terms, with_identity)
-    where = ctx.label(root, "sum")
-    merged_terms: set[int] = set()
-    new_parts: list[tuple[Any, float]] = []
-    for source, members in groups.items():
-        for reason in blocked.get(source, []):
-            ctx.refuse(root, f"{where}: {reason}")
-        if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
-            continue
-        if not any(b.from_conv for _, b, _ in members):
-            continue  # bn(x) + bn(x), x + x: elementwise ops are cheaper than the conv they would become
-        if why_reads_differ(source):
-            ctx.refuse(root, f"{where}: {why_reads_differ(source)}")
-            continue
-        merged, refused = merge([b for _, b, _ in members])
-        for b, why in refused:
-            ctx.refuse(root, f"{where}: {b.label} not merged: {why}")
-        if merged is None:
-            continue
-        kept = {id(b) for b, _ in refused}
-        taken = [(i, b) for i, b, _ in members if id(b) not in kept]
-        why = cost.why_costlier([b.cost() for _, b in taken], merged.cost())
-        if why is not None:
-            ctx.refuse(root, f"{where}: merging {merged.label}: {why}")
-            continue
-        if min(merged.spec.padding) < 0:
-            ctx.refuse(root, f"{where}: merging {merged.label}: the merged conv would need padding "
-                             f"{merged.spec.padding} (its branches crop more than the largest pads)")
-            continue
-        merged_terms.update(i for i, _ in taken)
-        first_read = min(source.users, key=position)  # where the branches first read it
-        before = first_read if position(first_read) < position(root) else root
-        new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
-                                       storage=merged.storage, name=merged.name, like=root), 1.0))
-    for source, members in ([] if with_identity else _linear_terms(ctx.gm, terms).items()):
-        if len(members) < 2 or ops.opaque(source):
-            continue
-        weight, bias = _sum_linears(members)
-        first = min((layer.node for _, layer, _ in members), key=position)
-        name = _common_path([layer.name for _, layer, _ in members]) or members[0][1].name
-        new_parts.append((insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,
-                                       storage=members[0][1].storage, name=name, like=root), 1.0))
-        merged_terms.update(i for i, _, _ in members)
-    if not new_parts:
-        return False
-    parts = new_parts + [t for i, t in enumerate(terms) if i not in merged_terms]
-    replace_node(root, _build_sum(ctx.graph, parts, root))
-    return True
-

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxreparam.branches import fold_sum, sum_root
+from fxreparam.branches import sum_root
 from fxreparam.registry import PassContext, register_pass
+
+from .branch_sum import fold_sum
 
 
 @register_pass("identity", "fold x + f(x) into f's conv: the identity is a Dirac kernel")

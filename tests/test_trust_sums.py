@@ -93,3 +93,54 @@ def test_crop_then_pad_on_one_border_is_refused(case, alone):
     model = make().eval()
     error, reasons = _folded_error(model, _input(shape, model), **({"passes": [name]} if alone else {}))
     assert error < (1e-2 if case == "float16" else 1e-5) and "no padding of" in reasons
+
+
+class ConcatAcrossAWrite(nn.Module):
+    """Two convs of ``x`` concatenated, ``x`` written in place between the two reads (kept by symbolic_trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1
+        y = self.a(x)
+        x.mul_(2)
+        return torch.cat([y, self.b(x)], 1)
+
+
+class SumAcrossAWrite(ConcatAcrossAWrite):
+    def forward(self, x):
+        x = x * 1
+        y = self.a(x)
+        x.mul_(2)
+        return y + self.b(x)
+
+
+@pytest.mark.parametrize("model, name", [(ConcatAcrossAWrite, "concat_convs"), (SumAcrossAWrite, "branch_sum")])
+def test_reads_on_either_side_of_an_in_place_write_are_not_merged(model, name):
+    """concat_convs merged the two reads into one before the write: relative error 0.39-0.51."""
+    x = torch.randn(2, 3, 6, 6)
+    run = run_pass(name, model(), x)
+    assert (run.rewrites, run.error) == (0, 0) and "at different points" in run.reasons
+    error, reasons = _folded_error(model().eval(), x, capture="symbolic_trace")
+    assert error == 0 and "at different points" in reasons
+
+
+class ConcatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y, y], 1)
+
+
+def test_a_conv_concatenated_twice_is_computed_once():
+    """cat([y, y]) was stacked as [W; W]: twice the MACs and weights of the conv it replaced."""
+    x = torch.randn(2, 3, 6, 6)
+    folded = fxreparam.optimize(ConcatTwice().eval(), x, verify=False)
+    rep = fxreparam.report(folded)
+    assert (rep.after.parameters, rep.after.macs) == (rep.before.parameters, rep.before.macs)
+    assert [r.kind for r in rep.refusals if r.pass_name == "concat_convs"] == ["declined"]
