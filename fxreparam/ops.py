@@ -446,6 +446,9 @@ class ChannelAffine:
             return self.scale, self.shift
         if self.dtype is not None and self.dtype != dtype and self.dtype.is_floating_point:
             return f"the constant's dtype {self.dtype} would change the result's {dtype}"
+        why = self._why_reshapes(ndim)
+        if why is not None:
+            return why
         out = []
         for t in (self.scale, self.shift):
             if t.dim() > ndim:
@@ -455,6 +458,25 @@ class ChannelAffine:
                 return f"the constant of shape {tuple(t.shape)} is not per-channel along dim {channel_dim}"
             out.append(t.reshape(-1).expand(channels))
         return out[0], out[1]
+
+
+    def _why_reshapes(self, ndim: int) -> str | None:
+        """Why the constant's broadcast changes the input's shape (a rank up, a size-1 dim expanded), which a
+        fold that removes this op would lose; ``ndim`` is the rank assumed where capture recorded none."""
+        constants = [t for t in (self.scale, self.shift) if t.dim() > 0]
+        shape = concrete_shape(self.input)
+        if shape is None:
+            big = next((t for t in constants if t.dim() >= ndim), None)
+            return None if big is None else (
+                f"the constant of shape {tuple(big.shape)} would broadcast an unbatched input up a rank, and the "
+                "input's rank is unknown (pass example inputs)")
+        try:
+            out = tuple(torch.broadcast_shapes(shape, *(t.shape for t in constants)))
+        except RuntimeError:
+            return f"the constant does not broadcast with the input of shape {shape}"
+        if out != shape:
+            return f"the constant broadcasts the input of shape {list(shape)} to {list(out)}: a fold would lose that"
+        return None
 
 
 def channel_affine(gm: fx.GraphModule, node: fx.Node) -> ChannelAffine | None:

@@ -63,3 +63,34 @@ def test_bn_folds_across_a_global_average_into_the_classifier(reduce):
 def test_bn_stays_where_the_op_between_does_not_keep_channels_whole(reduce):
     run = run_pass("bn_conv", _PoolHead(reduce), torch.randn(2, 4, 5, 5))
     assert run.rewrites == 0 and run.error < 1e-6
+
+
+class _ScaleUpARank(nn.Module):
+    """``conv(x) * g`` with ``g`` of rank 3 on an unbatched ``[C, L]`` input: the product is ``[1, C, L]``."""
+
+    def __init__(self, shape=(1, 4, 1)):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 4, 3), nn.Conv1d(4, 5, 1)
+        self.register_buffer("g", torch.randn(shape))
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.g)
+
+
+def test_scale_that_broadcasts_the_rank_up_is_refused():
+    run = run_pass("bn_conv", _ScaleUpARank(), torch.randn(3, 9))
+    assert run.rewrites == 0 and "broadcasts the input of shape [4, 7] to [1, 4, 7]" in run.reasons
+
+
+def test_scale_that_expands_a_size_one_dim_is_refused():
+    class ExpandChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Conv1d(4, 5, 1)
+            self.register_buffer("g", torch.randn(1, 4, 1))
+
+        def forward(self, x):
+            return self.b(x * self.g)
+
+    run = run_pass("bn_conv", ExpandChannels(), torch.randn(2, 1, 9))
+    assert run.rewrites == 0 and "to [2, 4, 9]" in run.reasons

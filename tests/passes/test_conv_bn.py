@@ -87,3 +87,17 @@ class _LinearBN(nn.Module):
 def test_bn_reached_through_a_reshape_that_keeps_the_features_folds():
     run = run_pass("conv_bn", _LinearBN(), torch.randn(2, 5, 6))
     assert (run.rewrites, run.count("batch_norm"), run.error < 1e-6) == (1, 0, True)
+
+
+def test_scale_that_broadcasts_the_rank_up_is_refused_after_the_conv():
+    class ScaleUpARank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(3, 4, 3)
+            self.register_buffer("g", torch.randn(1, 4, 1))
+
+        def forward(self, x):
+            return self.a(x) * self.g
+
+    run = run_pass("conv_bn", ScaleUpARank(), torch.randn(3, 9))
+    assert run.rewrites == 0 and "broadcasts" in run.reasons
