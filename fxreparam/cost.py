@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import fx
@@ -17,8 +17,8 @@ from torch import fx
 from . import ops
 from .meta import concrete_shape
 
-__all__ = ["MAX_CONSTANT_GROWTH", "Cost", "graph_cost", "kernel_cost", "node_positions", "why_costlier",
-           "why_not_stored"]
+__all__ = ["FOOTPRINT_LABELS", "MAX_CONSTANT_GROWTH", "Cost", "Footprint", "footprint", "graph_cost", "kernel_cost",
+           "node_positions", "result_costlier", "stored_elements", "why_costlier", "why_not_stored"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +115,49 @@ def graph_cost(gm: fx.GraphModule) -> Cost:
             positions = math.prod(out[1:-1]) if out is not None and len(out) > 2 else 1
         total += Cost(numel, numel * positions)
     return total
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a whole graph costs: stored floating elements, MACs per sample at the captured shape, and the conv,
+    linear, batch-norm and elementwise (add/sub/mul/div) ops it executes."""
+
+    stored: int
+    macs: int
+    conv: int = 0
+    linear: int = 0
+    batch_norm: int = 0
+    elementwise: int = 0
+
+    def costlier_than(self, other: Footprint) -> list[str]:
+        """Each measure in which ``self`` costs more than ``other``, as ``"stored elements 10 > 8"``."""
+        return [f"{label} {mine:,} > {theirs:,}" for label, mine, theirs in
+                zip(FOOTPRINT_LABELS, astuple(self), astuple(other)) if mine > theirs]
+
+
+FOOTPRINT_LABELS = ("stored elements", "MACs per sample", "conv", "linear", "batch_norm", "elementwise")
+"""How the report names each field of :class:`Footprint`, in order."""
+
+
+def stored_elements(gm: fx.GraphModule) -> int:
+    """Floating elements of the parameters and buffers ``gm`` holds, each tensor once however often it is read."""
+    tensors = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()}
+    return sum(t.numel() for t in tensors.values())
+
+
+def footprint(gm: fx.GraphModule) -> Footprint:
+    """The :class:`Footprint` of ``gm``: op kinds through the recognizers, MACs from :func:`graph_cost`."""
+    kinds = [ops.op_kind(gm, n) for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    count = {k: kinds.count(k) for k in ("conv", "linear", "batch_norm", "add_sub", "mul_div")}
+    return Footprint(stored_elements(gm), graph_cost(gm).macs, count["conv"], count["linear"], count["batch_norm"],
+                     count["add_sub"] + count["mul_div"])
+
+
+def result_costlier(captured: fx.GraphModule | Footprint, folded: fx.GraphModule | Footprint) -> str | None:
+    """The whole-result guarantee: where the ``folded`` result costs more than the ``captured`` input graph (stored
+    elements, MACs, conv/linear/BN/elementwise ops), or ``None`` when it costs no more in any of them. Take the
+    captured footprint before the passes run (they rewrite the graph in place)."""
+    before = captured if isinstance(captured, Footprint) else footprint(captured)
+    after = folded if isinstance(folded, Footprint) else footprint(folded)
+    worse = after.costlier_than(before)
+    return "the result costs more than its input: " + "; ".join(worse) if worse else None

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from torch import fx, nn
 
 from . import ops
-from .cost import graph_cost
+from .cost import FOOTPRINT_LABELS, Footprint, graph_cost, result_costlier
 from .pipeline import PassStat
 from .registry import Refusal
 from .verify import Verification
@@ -106,15 +106,46 @@ class Report:
         lines += _table(["ops and cost", "before", "after"],
                         [[labels.get(k, k), v, self.after.as_dict()[k]] for k, v in self.before.as_dict().items()])
         lines.append("")
-        if self.refusals:
-            lines.append(f"refused ({len(self.refusals)}):")
-            lines += _table(["pass", "reason"], [[r.pass_name, r.reason] for r in self.refusals])
-        else:
-            lines.append("refused: nothing")
+        lines += _whole_result(self.before, self.after)
         lines.append("")
+        lines += _refusal_section(self.refusals)
         lines.append(f"verification: {self.verification if self.verification is not None else self.verification_note}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _refusal_section(refusals: list[Refusal]) -> list[str]:
+    """Folds refused for exactness, then exact folds declined for their cost: two lists, each with its count, so a
+    cost decision never reads as a failure."""
+    lines: list[str] = []
+    for title, group in (("refused (not exact)", [r for r in refusals if not r.declined]),
+                         ("declined (costlier)", [r for r in refusals if r.declined])):
+        if group:
+            lines.append(f"{title} ({len(group)}):")
+            lines += _table(["pass", "reason"], [[r.pass_name, r.reason] for r in group])
+        else:
+            lines.append(f"{title}: nothing")
+        lines.append("")
+    return lines
+
+
+def _footprint(counts: OpCounts) -> Footprint:
+    return Footprint(counts.parameters, counts.macs, counts.conv, counts.linear, counts.batch_norm,
+                     counts.add_sub + counts.mul_div)
+
+
+def _ratio(old: int, new: int) -> str:
+    return f"{new / old:.3f}x" if old else ("1.000x" if not new else "new")
+
+
+def _whole_result(before: OpCounts, after: OpCounts) -> list[str]:
+    """One line comparing the result with its input (stored elements, MACs, op counts, each with output/input),
+    and a warning naming what costs more (:func:`fxreparam.cost.result_costlier`)."""
+    old, new = _footprint(before), _footprint(after)
+    parts = [f"{label} {b:,} -> {a:,} ({_ratio(b, a)})" for label, b, a in
+             zip(FOOTPRINT_LABELS, astuple(old), astuple(new))]
+    why = result_costlier(old, new)
+    return ["whole result (input -> output): " + "; ".join(parts), *([f"WARNING: {why}"] if why else [])]
 
 
 def _table(header: list[str], rows: list[list[object]]) -> list[str]:

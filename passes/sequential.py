@@ -21,7 +21,7 @@ from fxreparam import algebra, branches, cost, ops
 from fxreparam.graph import emit
 from fxreparam.meta import concrete_shape
 from fxreparam.padding import padded_by_value
-from fxreparam.registry import NotExact, PassContext, register_pass
+from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
 from fxreparam.spec import ConvSpec, Layer
 
 
@@ -100,7 +100,7 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
     if why is not None and not _absorbed(gm, outer.node, inner.input, tuple(shape[2:]), spec):
         if ops.conv(gm, outer.node) is None:
             return False  # a conv then a plain pooling: no structure to fold, nothing to report
-        raise NotExact(f"{where}: not composed: {why}", outer.node)
+        raise Costlier(f"{where}: not composed: {why}", outer.node)
     weight, _ = algebra.compose(outer.weight, outer.groups, inner.weight, inner.groups)
     bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
     emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage, name=outer.name,
@@ -123,7 +123,7 @@ def _fold_linear_pair(ctx: PassContext, outer: Layer) -> bool:
                                                                                             outer.bias, 1)],
                             _planned_cost(shape, outer.bias is not None or inner.bias is not None, 1))
     if why is not None:
-        raise NotExact(f"{ctx.label(inner.node, 'linear')} then {ctx.label(outer.node, 'linear')}: not composed: "
+        raise Costlier(f"{ctx.label(inner.node, 'linear')} then {ctx.label(outer.node, 'linear')}: not composed: "
                        f"{why}", outer.node)
     weight, _ = algebra.compose(outer.weight, 1, inner.weight, 1)
     bias = algebra.compose_bias(outer.weight, outer.bias, 1, inner.bias)

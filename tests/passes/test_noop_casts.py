@@ -2,11 +2,11 @@
 and the folded model converts with ``.double()`` as the original does; real casts stay."""
 
 import torch
+from fxreparam.passes.noop_casts import cast_source
 from torch import nn
 
 import fxreparam
 from fxreparam.testing import randomize_batch_norms, run_pass
-from fxreparam.passes.noop_casts import cast_source
 
 
 class _LoraLayer(nn.Module):
