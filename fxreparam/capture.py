@@ -19,8 +19,9 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -90,10 +91,13 @@ class InputGuard(nn.Module):
     _is_impure = True  # a check with no users: dead-code elimination must keep it
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...] | None],
-                 dynamic: list[dict[int, tuple[int, int | None]]], export_guard: nn.Module | None) -> None:
-        """Per input in placeholder order: name, example shape (None: not a tensor), dynamic dims; export's guard."""
+                 dynamic: list[dict[int, tuple[int, int | None]]], export_guard: nn.Module | None,
+                 symbols: list[dict[int, str]] | None = None) -> None:
+        """Per input in placeholder order: name, example shape (None: not a tensor), dynamic dims; export's guard;
+        per input, the symbol each dynamic dim is (dims sharing one symbol must agree; derived sizes have none)."""
         super().__init__()
         self.names, self.shapes, self.dynamic = names, shapes, dynamic
+        self.symbols = symbols if symbols is not None else [{} for _ in names]
         self.export_guard = export_guard
         self.single = len(names) == 1  # return the lone input itself rather than a 1-tuple
 
@@ -127,6 +131,65 @@ class InputGuard(nn.Module):
         return inputs[0] if self.single else inputs
 
 
+class ExportGuard(nn.Module):
+    """torch.export's input guards, kept as their code so the module pickles and deep-copies.
+
+    ``program.module()`` installs them as a function wrapped in a local closure, which ``torch.save`` cannot
+    pickle; this module rebuilds that function from the code after loading.
+    """
+
+    _is_impure = True
+
+    def __init__(self, code: list[str], paths: list[Any]) -> None:
+        """``code``: the guard expressions; ``paths``: each input's pytree path (as torch builds them)."""
+        super().__init__()
+        self.code, self.paths = code, paths
+        self._build()
+
+    def _build(self) -> None:
+        """Materialize the guard function (torch's own builder, so Dynamo traces it as it traces export's)."""
+        from torch.export import _unlift
+
+        object.__setattr__(self, "check", _unlift._convert_guards_code_to_fn(self.code, self.paths).forward)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state without the built function (a closure pickle cannot hold)."""
+        return {k: v for k, v in self.__dict__.items() if k != "check"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the state and build the guard function again."""
+        self.__dict__.update(state)
+        self._build()
+
+    def forward(self, *inputs: Any) -> None:
+        """Assert export's guards on ``inputs`` (an ``AssertionError`` names the one that failed)."""
+        self.check(*inputs)
+
+
+def _unlifted(program: Any) -> fx.GraphModule:
+    """``program.module()`` with export's guard as an :class:`ExportGuard` (picklable), where this torch builds its
+    guard the way :class:`ExportGuard` rebuilds it; else export's own (a module that then does not pickle)."""
+    from torch.export import _unlift
+
+    build = getattr(_unlift, "_convert_guards_code_to_fn", None)
+    if build is None:
+        return program.module()
+    recorded: list[tuple[list[str], list[Any]]] = []
+
+    def record(code: list[str], paths: list[Any]) -> Any:
+        recorded.append((list(code), list(paths)))
+        return build(code, paths)
+
+    _unlift._convert_guards_code_to_fn = record
+    try:
+        gm = program.module()
+    finally:
+        _unlift._convert_guards_code_to_fn = build
+    if recorded and isinstance(getattr(gm, GUARD, None), nn.Module):
+        setattr(gm, GUARD, ExportGuard(*recorded[-1]))
+    return gm
+
+
 def _flatten_by_spec(args: tuple, kwargs: dict, spec: Any) -> list[Any]:
     """The inputs in the graph's placeholder order (export's input spec)."""
     from torch.fx._pytree import tree_flatten_spec
@@ -140,6 +203,16 @@ def _flatten_by_spec(args: tuple, kwargs: dict, spec: Any) -> list[Any]:
 def _auto() -> Any:
     """``torch.export.Dim.AUTO``, or None on a torch without it (then capture is static)."""
     return getattr(getattr(torch.export, "Dim", None), "AUTO", None)
+
+
+def _by_signature(model: nn.Module, args: tuple, kwargs: dict, spec: Callable[[Any], Any]) -> Any:
+    """``dynamic_shapes`` shaped as export binds them, ``spec(x)`` for each input ``x``: keyed by the forward's
+    parameter names, ``*args`` as a tuple and ``**kwargs`` as a dict; positional where there is no signature."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no readable signature: positional specs, as export reads them
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> Any:
@@ -157,12 +230,7 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> A
         marked = {d: auto for d in chosen if x.shape[d] >= 2}
         return marked or None
 
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):  # no readable signature: positional specs, as export reads them
-        return tuple(pytree.tree_map(spec, a) for a in args)
-    # Keyed by the forward's parameter names, *args as a tuple and **kwargs as a dict, as export binds them.
-    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+    return _by_signature(model, args, kwargs, spec)
 
 
 def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -182,10 +250,14 @@ def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return pytree.tree_map(double, args), pytree.tree_map(double, kwargs)
 
 
-def _export_program(model: nn.Module, args: tuple, kwargs: dict, dims: str | None) -> Any:
-    """One ``torch.export`` attempt, non-strict, with ``dims`` (``"all"``, ``"batch"``, None: static) automatic.
-    What export prints on failure (the partial graph) is kept off the user's stderr: the error says it all."""
-    dynamic = _dynamic_shapes(model, args, kwargs, dims) if dims is not None and _auto() is not None else None
+def _export_program(model: nn.Module, args: tuple, kwargs: dict, dims: str | None,
+                    dynamic_shapes: Any = None) -> Any:
+    """One ``torch.export`` attempt, non-strict, with ``dynamic_shapes`` as given, else with ``dims`` (``"all"``,
+    ``"batch"``, None: static) automatic. What export prints on failure (the partial graph) is kept off the
+    user's stderr: the error says it all."""
+    dynamic = dynamic_shapes
+    if dynamic is None and dims is not None and _auto() is not None:
+        dynamic = _dynamic_shapes(model, args, kwargs, dims)
     with contextlib.redirect_stderr(io.StringIO()):
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
 
@@ -212,21 +284,38 @@ def _hint(size: Any) -> int:
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
-def input_spec(program: Any) -> list[tuple[str, Shape | None, Dynamic]]:
+class InputSpec(NamedTuple):
+    """One user input of an exported program: its name, example shape (None: not a tensor), dynamic dims with
+    their ``(min, max)`` sizes, and the symbol each dynamic dim is where it is one (not a derived size)."""
+
+    name: str
+    shape: Shape | None
+    dynamic: Dynamic
+    symbols: dict[int, str]
+
+
+def _symbol(size: Any) -> str | None:
+    """The name of a symbolic size that is a bare symbol (``s17``), None for a number or a derived size."""
+    expr = size.node.expr if isinstance(size, torch.SymInt) else None
+    return str(expr) if expr is not None and getattr(expr, "is_Symbol", False) else None
+
+
+def input_spec(program: Any) -> list[InputSpec]:
     """Per user input of an exported program, in order (one per flattened input, as ``program.module()``'s
-    placeholders): its name, example shape (None: not a tensor) and dynamic dims."""
+    placeholders): its :class:`InputSpec`."""
     user_kind = torch.export.graph_signature.InputKind.USER_INPUT
     names = [str(getattr(s.arg, "name", i)) for i, s in enumerate(program.graph_signature.input_specs)
              if s.kind == user_kind]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    spec: list[tuple[str, Shape | None, Dynamic]] = []
+    spec: list[InputSpec] = []
     for name in names:
         val = nodes[name].meta.get("val") if name in nodes else None
         if not isinstance(val, torch.Tensor):
-            spec.append((name, None, {}))
+            spec.append(InputSpec(name, None, {}, {}))
             continue
         dynamic = {d: r for d, s in enumerate(val.shape) if (r := _symbol_range(program, s)) is not None}
-        spec.append((name, tuple(_hint(s) for s in val.shape), dynamic))
+        symbols = {d: sym for d in dynamic if (sym := _symbol(val.shape[d])) is not None}
+        spec.append(InputSpec(name, tuple(_hint(s) for s in val.shape), dynamic, symbols))
     return spec
 
 
@@ -279,15 +368,14 @@ def guarded_module(program: Any, shapes: list[tuple[int, ...] | None] | None = N
 
     ``shapes``: the example shapes to quote in errors, per placeholder (default: the program's own).
     """
-    gm = program.module()
+    gm = _unlifted(program)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     spec = input_spec(program)
     if len(spec) != len(placeholders):  # not one entry per placeholder: check nothing rather than the wrong input
-        spec = [(name, None, {}) for name in placeholders]
-    names = [name for name, _, _ in spec]
-    own = [shape for _, shape, _ in spec]
-    dynamic = [dims for _, _, dims in spec]
-    _install_guard(gm, InputGuard(names, shapes or own, dynamic, getattr(gm, GUARD, None)))
+        spec = [InputSpec(name, None, {}, {}) for name in placeholders]
+    guard = InputGuard([s.name for s in spec], shapes or [s.shape for s in spec], [s.dynamic for s in spec],
+                       getattr(gm, GUARD, None), [s.symbols for s in spec])
+    _install_guard(gm, guard)
     return gm
 
 
@@ -454,21 +542,95 @@ def _export_checked(model: nn.Module, args: tuple, kwargs: dict, notes: list[str
     return _Exported(_export_program(model, args, kwargs, None))  # its error, if any, has concrete sizes
 
 
-def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str] | None = None) -> Any:
-    """``torch.export`` (non-strict) of ``model`` with the :data:`DYNAMIC_DIMS` it does not pin dynamic.
+def _placeholder_order(args: tuple, kwargs: dict, in_spec: Any) -> list[int]:
+    """For each placeholder of a graph with input spec ``in_spec``, which flat example input it is (the index in
+    ``pytree.tree_leaves((args, kwargs))``)."""
+    leaves, user_spec = pytree.tree_flatten((args, kwargs))
+    index_args, index_kwargs = pytree.tree_unflatten(list(range(len(leaves))), user_spec)
+    return _flatten_by_spec(index_args, index_kwargs, in_spec)
 
-    A batch-1 example is exported as a batch of 2 copies (export would pin a size-1 dim) where the
-    result then computes the model's output on the example itself. Where dynamic dims fail, static
-    shapes; the error of the static attempt (concrete sizes) is raised.
+
+def _guard_dims(guard: InputGuard, k: int, shared: dict[str, Any]) -> dict[int, Any]:
+    """Input ``k``'s dynamic dims as export takes them: one ``Dim`` per symbol, its range kept and shared (through
+    ``shared``) by every dim that is the same symbol; ``Dim.AUTO`` for a derived size."""
+    dims: dict[int, Any] = {}
+    for d, (low, high) in guard.dynamic[k].items():
+        symbol = guard.symbols[k].get(d)
+        if symbol is None:
+            dims[d] = _auto()
+            continue
+        bounds = {"min": low} if low > 2 else {}  # 2 is export's own floor for a dynamic size (its 0/1 rule)
+        if high is not None:
+            bounds["max"] = high
+        dims[d] = shared.setdefault(symbol, torch.export.Dim(symbol, **bounds))
+    return dims
+
+
+def _widened(x: Any, dims: dict[int, Any]) -> Any:
+    """An example input stacked twice along each dynamic dim where it has size 1 (export would pin it)."""
+    for d in dims:
+        if isinstance(x, torch.Tensor) and x.shape[d] == 1:
+            x = torch.cat([x, x], d)
+    return x
+
+
+def _export_like_guard(model: fx.GraphModule, guard: InputGuard, args: tuple, kwargs: dict) -> Any:
+    """``torch.export`` of a folded module with exactly the dims its :class:`InputGuard` has dynamic (the same
+    symbols, the same ranges), on the example widened to size 2 where a dynamic dim has size 1."""
+    leaves, tree = pytree.tree_flatten((args, kwargs))
+    order = _placeholder_order(args, kwargs, model._in_spec)
+    if len(order) != len(guard.names):
+        raise ShapeError(f"the folded module takes {len(guard.names)} inputs ({', '.join(guard.names)}), the example "
+                         f"has {len(order)}")
+    guard(*(leaves[i] for i in order))  # an example the module does not take: say so before exporting
+    shared: dict[str, Any] = {}
+    dims = {i: _guard_dims(guard, k, shared) for k, i in enumerate(order)}
+    wide = [_widened(x, dims.get(i, {})) for i, x in enumerate(leaves)]
+    by_id = {id(x): dims.get(i) or None for i, x in enumerate(wide)}
+    wide_args, wide_kwargs = pytree.tree_unflatten(wide, tree)
+    spec = _by_signature(model, wide_args, wide_kwargs, lambda x: by_id.get(id(x)))
+    return _export_program(model, wide_args, wide_kwargs, None, dynamic_shapes=spec)
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict, notes: list[str] | None = None) -> Any:
+    """``torch.export`` (non-strict) of ``model`` for an artifact.
+
+    A folded module with an :class:`InputGuard` is exported with the same dims dynamic as its capture
+    (``dynamic_shapes`` given to ``capture``/``optimize``, or the default batch). Any other model is exported
+    with the :data:`DYNAMIC_DIMS` it does not pin dynamic: a batch-1 example as a batch of 2 copies (export
+    would pin a size-1 dim) where the result then computes the model's output on the example itself; where
+    dynamic dims fail, static shapes (the error of that attempt, with concrete sizes, is raised).
     """
+    guard = getattr(model, GUARD, None)
+    if isinstance(guard, InputGuard) and isinstance(model, fx.GraphModule) and hasattr(model, "_in_spec"):
+        return _export_like_guard(model, guard, args, kwargs)
     return _export_checked(model, args, kwargs, notes if notes is not None else []).program
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True) -> Captured:
-    """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows."""
+def _export_as_asked(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> _Exported:
+    """torch.export with the caller's ``dynamic_shapes`` exactly as given (no batch-of-two example)."""
+    try:
+        return _Exported(_export_program(model, args, kwargs, None, dynamic_shapes=dynamic_shapes))
+    except Exception as err:
+        failed = _runs(model, args, kwargs)
+        if failed is not None:
+            raise _input_mismatch(model, args, kwargs, failed) from err
+        raise CaptureError(f"torch.export could not capture {type(model).__name__} with the given dynamic_shapes: "
+                           f"{type(err).__name__}: {_first_lines(err, 6)}. Remedy: mark only the dims the model "
+                           "keeps free (Dim.AUTO lets export pin the others), or pass dynamic_shapes=None for the "
+                           "default (a dynamic batch)") from err
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True,
+            dynamic_shapes: Any = None) -> Captured:
+    """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows
+    (``dynamic_shapes``: exactly those, as torch.export takes them)."""
     start = time.perf_counter()
     notes: list[str] = []
-    exported = _export_checked(model, args, kwargs, notes, double, check)
+    if dynamic_shapes is not None:
+        exported = _export_as_asked(model, args, kwargs, dynamic_shapes)
+    else:
+        exported = _export_checked(model, args, kwargs, notes, double, check)
     gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
     return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
                     exported.doubled)
@@ -675,7 +837,7 @@ def _classify(stage: str, err: BaseException) -> str:
 
 
 def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, method: str = "auto", *,
-            double: bool = True, check: bool = True) -> Captured:
+            double: bool = True, check: bool = True, dynamic_shapes: Any = None) -> Captured:
     """Capture ``model`` (already in eval mode) as a graph; ``args=None`` means no example inputs.
 
     ``method``: ``"auto"`` (export where there are example inputs, else or on failure
@@ -683,18 +845,25 @@ def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, me
     faster on very deep models, export sees through more Python. A batch-1 example is captured as a batch of
     two copies (the batch stays dynamic) where the graph computes the model's outputs on the example itself;
     ``check=False`` leaves that comparison (a run of each) to a caller that verifies anyway, ``double=False``
-    captures the example as given (its batch dim then static).
+    captures the example as given (its batch dim then static). ``dynamic_shapes`` (as ``torch.export.export``
+    takes it: per input ``{dim: Dim(...) or Dim.AUTO}``, by argument name or in order) captures with exactly
+    those dims dynamic, as export does (no batch-of-two example); export must take it then.
     """
     if method not in METHODS:
         raise ValueError(f"unknown capture method {method!r}; choose one of {METHODS}")
     if method == "export" and args is None:
         raise CaptureError("capture='export' needs example inputs")
+    if dynamic_shapes is not None and (args is None or method == "symbolic_trace"):
+        raise CaptureError("dynamic_shapes needs torch.export: pass example inputs and capture='auto' or 'export' "
+                           "(a symbolic_trace graph records no shapes to keep dynamic)")
     kwargs = kwargs or {}
     _check_inputs(model, args or (), kwargs)
     failures: list[str] = []
     if args is not None and method in ("auto", "export"):
         try:
-            return _export(model, args, kwargs, double, check)
+            return _export(model, args, kwargs, double, check, dynamic_shapes)
+        except CaptureError:
+            raise
         except Exception as err:
             failed = _runs(model, args, kwargs)
             if failed is not None:

@@ -110,6 +110,13 @@ class _Tree:
         return name
 
 
+def _forget_tracer(graph: fx.Graph) -> None:
+    """Drop the tracer class a graph remembers (export's ``_ModuleStackTracer``): ``torch.load`` re-traces a pickled
+    module with it and that tracer cannot be built from nothing; fx's plain tracer reads the saved code back."""
+    graph._tracer_cls = None
+    graph._tracer_extras = {}
+
+
 def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphModule:
     """A new ``GraphModule`` over ``gm``'s graph with plain layers at the model's paths and nothing unused."""
     graph = gm.graph
@@ -137,6 +144,7 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
                 name = str(node.target).replace(".", "_")
                 setattr(tree.root, name, value)
                 node.target = name
+    _forget_tracer(graph)
     out = fx.GraphModule(tree.root, graph, class_name=class_name)
     eliminate_dead_code(out.graph)
     out.recompile()
