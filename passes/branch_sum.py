@@ -10,6 +10,7 @@ branches it replaces is declined. Summed linear layers of one input become one l
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -84,11 +85,36 @@ def _linear_terms(gm: fx.GraphModule, terms: list[tuple[Any, float]]) -> dict[fx
     return groups
 
 
-def _sum_linears(members: list[tuple[int, Layer, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kernel and bias of ``sum(coef * linear(x))``: the scaled weights and biases added."""
-    weight = algebra.sum_kernels([algebra.exact(layer.weight) * coef for _, layer, coef in members])
-    biases = [algebra.exact(layer.bias) * coef for _, layer, coef in members if layer.bias is not None]
-    return weight, algebra.sum_kernels(biases) if biases else None
+def _sum_linears(members: list[tuple[int, Layer, float]], width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel and bias of ``sum(coef * linear(x))``, ``width`` outputs wide: the scaled weights and biases added,
+    one-output layers' rows repeated as the sum broadcasts them."""
+    kernels = [_widened(algebra.exact(layer.weight) * coef, None if layer.bias is None else
+                        algebra.exact(layer.bias) * coef, width) for _, layer, coef in members]
+    biases = [b for _, b in kernels if b is not None]
+    return algebra.sum_kernels([w for w, _ in kernels]), algebra.sum_kernels(biases) if biases else None
+
+
+def _broadcast_width(widths: list[int]) -> int | None:
+    """The width that summed outputs of ``widths`` broadcast to (a width of 1 repeats), or ``None`` if they do not."""
+    wide = set(widths) - {1}
+    return None if len(wide) > 1 else max(wide, default=1)
+
+
+def _widened(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A one-output kernel with its row repeated ``width`` times: the same values as its output broadcast in a sum."""
+    if weight.shape[0] == width:
+        return weight, bias
+    return weight.expand(width, *weight.shape[1:]).clone(), None if bias is None else bias.expand(width).clone()
+
+
+def _broadcast_branches(members: list[tuple[int, Branch, bool]]) -> list[tuple[int, Branch, bool]] | str:
+    """``members`` with each one-channel branch widened to the channels the sum broadcasts it to; or why their
+    channels do not broadcast."""
+    width = _broadcast_width([b.out_channels for _, b, _ in members])
+    if width is None:
+        return f"output channels {sorted({b.out_channels for _, b, _ in members})} do not broadcast"
+    widened = [(i, b, ident, *_widened(b.weight, b.bias, width)) for i, b, ident in members]
+    return [(i, replace(b, weight=weight, bias=bias), ident) for i, b, ident, weight, bias in widened]
 
 
 def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node) -> fx.Node:
@@ -124,6 +150,11 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         if why_reads_differ(source):
             ctx.refuse(root, f"{where}: {why_reads_differ(source)}")
             continue
+        given = {i: b for i, b, _ in members}  # costs are the branches' own, before any widening
+        members = _broadcast_branches(members)
+        if isinstance(members, str):
+            ctx.refuse(root, f"{where}: {members}")
+            continue
         merged, refused = merge([b for _, b, _ in members])
         for b, why in refused:
             ctx.refuse(root, f"{where}: {b.label} not merged: {why}")
@@ -131,9 +162,9 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
             continue
         kept = {id(b) for b, _ in refused}
         taken = [(i, b) for i, b, _ in members if id(b) not in kept]
-        why = cost.why_costlier([b.cost() for _, b in taken], merged.cost())
+        why = cost.why_costlier([given[i].cost() for i, _ in taken], merged.cost())
         if why is not None:
-            ctx.refuse(root, f"{where}: merging {merged.label}: {why}")
+            ctx.refuse(root, f"{where}: merging {merged.label}: {why}", costlier=True)
             continue
         if min(merged.spec.padding) < 0:
             ctx.refuse(root, f"{where}: merging {merged.label}: the merged conv would need padding "
@@ -145,9 +176,14 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
         new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
                                        storage=merged.storage, name=merged.name, like=root), 1.0))
     for source, members in ([] if with_identity else _linear_terms(ctx.gm, terms).items()):
-        if len(members) < 2 or ops.opaque(source):
+        if len(members) < 2:
             continue
-        weight, bias = _sum_linears(members)
+        width = _broadcast_width([layer.out_channels for _, layer, _ in members])
+        why = why_reads_differ(source) or (None if width else "their output widths do not broadcast")
+        if why is not None:
+            ctx.refuse(root, f"{where}: linear layers of {source.name} not merged: {why}")
+            continue
+        weight, bias = _sum_linears(members, width)
         first = min((layer.node for _, layer, _ in members), key=position)
         name = common_path([layer.name for _, layer, _ in members]) or members[0][1].name
         new_parts.append((insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,

@@ -144,3 +144,36 @@ def test_a_conv_concatenated_twice_is_computed_once():
     rep = fxreparam.report(folded)
     assert (rep.after.parameters, rep.after.macs) == (rep.before.parameters, rep.before.macs)
     assert [r.kind for r in rep.refusals if r.pass_name == "concat_convs"] == ["declined"]
+
+
+class BroadcastHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 1), nn.Linear(8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) - self.c(x)
+
+
+class BroadcastConvs(nn.Module):
+    """A one-channel conv and a BN of a one-channel ``x`` summed with a four-channel conv: channels broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.bn(x)
+
+
+@pytest.mark.parametrize("model, shape, kind", [(BroadcastHeads, (5, 8), "linear"),
+                                                (BroadcastConvs, (2, 1, 6, 6), "conv")])
+def test_summed_layers_whose_widths_broadcast_fold_as_the_broadcast_sum(model, shape, kind):
+    """Linear(8, 1) + Linear(8, 1) + Linear(8, 4) crashed branch_sum (shape [1, 8] against [4, 8])."""
+    x = torch.randn(shape)
+    run = run_pass("branch_sum", model(), x)
+    assert (run.rewrites, run.count(kind), run.count("add_sub"), run.error < 1e-6) == (1, 1, 0, True)
+    folded = fxreparam.optimize(model().eval(), x, verify=False)
+    assert fxreparam.report(folded).after.add_sub == 0
+    error, _ = _folded_error(model().eval(), x)
+    assert error < 1e-5
