@@ -31,8 +31,10 @@ FOLDED_PREFIX = "_fxreparam_"
 
 
 def build_module(spec: Spec, weight: torch.Tensor, bias: torch.Tensor | None, storage: Storage) -> nn.Module:
-    """A plain ``nn.ConvNd``/``nn.ConvTransposeNd``/``nn.Linear`` holding ``weight`` and ``bias`` (no init work)."""
+    """A plain ``nn.ConvNd``/``nn.ConvTransposeNd``/``nn.Linear`` holding ``weight`` and ``bias`` (no init work);
+    an all-zero bias is not stored (adding zero is the identity, storing it a cost)."""
     dtype, device = storage
+    bias = None if bias is not None and not bool(bias.any()) else bias
     kw: dict[str, Any] = {"bias": bias is not None, "device": device, "dtype": dtype}
     if not isinstance(spec, ConvSpec):
         mod = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], **kw)
