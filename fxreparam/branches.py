@@ -21,8 +21,8 @@ from . import algebra, cost, crops, ops
 from .meta import Storage, concrete_shape, module_path, rank, storage
 from .spec import ConvSpec, Layer
 
-__all__ = ["Branch", "as_branch", "common_path", "identity_branch", "merge", "pool_as_conv", "stack", "sum_root",
-           "sum_terms", "why_reads_differ"]
+__all__ = ["Branch", "as_branch", "common_path", "identity_branch", "merge", "on_common_grid", "pool_as_conv", "stack",
+           "sum_root", "sum_terms", "why_reads_differ"]
 
 
 @dataclass(frozen=True)
@@ -216,13 +216,13 @@ def _why_incompatible(a: Branch, b: Branch, *, same_outputs: bool = True) -> str
 def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str]]]:
     """Sum as many branches as align with the largest into one kernel; the rest come back with reasons.
 
-    Branches of different dilations merge at dilation 1, each dilated kernel spread out with zeros between
-    its taps (REPARAM §10: UniRepLKNet's small dilated kernels summed into a large one).
+    Branches merge at the coarsest dilation that holds all their taps (:func:`on_common_grid`): a dilated kxk
+    with a 1x1, identity or BN branch stays dilated; different dilations spread to their gcd, each kernel with
+    zeros between its taps (REPARAM §10: UniRepLKNet's small dilated kernels summed into a large one).
     Returns ``(merged, refused)``; ``merged`` is ``None`` unless at least two branches merged.
     """
     given = branches
-    if len({_dilation(b) for b in branches}) > 1:
-        branches = [_undilated(b) for b in branches]
+    branches = on_common_grid(branches)
     original = {id(b): g for b, g in zip(branches, given)}  # refusals name the caller's own branches
     ordered = sorted(branches, key=lambda b: -math.prod(b.kernel_size))
     taken: list[Branch] = [ordered[0]]
@@ -256,8 +256,7 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
 def stack(parts: list[Branch]) -> tuple[Branch | None, str | None]:
     """The one conv whose output channels are ``parts``' stacked in order (DBB's concatenation, REPARAM §10):
     kernels center-padded to the largest; or why the parts cannot share one conv."""
-    if len({_dilation(b) for b in parts}) > 1:
-        parts = [_undilated(b) for b in parts]
+    parts = on_common_grid(parts)
     if any(b.spec.groups != 1 for b in parts):
         return None, "grouped convs do not stack into one conv's groups"
     big = max(parts, key=lambda b: math.prod(b.kernel_size))
@@ -277,17 +276,28 @@ def stack(parts: list[Branch]) -> tuple[Branch | None, str | None]:
     return Branch(big.input, spec, weight, bias, big.storage, " | ".join(b.label for b in parts), name, True), None
 
 
-def _dilation(b: Branch) -> tuple[int, ...]:
-    """The dilation that matters: 1 along dims where the kernel has one tap."""
-    return tuple(d if k > 1 else 1 for d, k in zip(b.spec.dilation, b.kernel_size))
+def _grid(branches: list[Branch]) -> tuple[int, ...]:
+    """Per dim, the coarsest dilation whose grid holds every branch's taps: the gcd of the dilations of the
+    kernels wider than one tap there (a 1x1, identity or BN branch is a centre tap on any grid)."""
+    dims = range(len(branches[0].kernel_size))
+    return tuple(math.gcd(*[b.spec.dilation[d] for b in branches if b.kernel_size[d] > 1]) or 1 for d in dims)
 
 
-def _undilated(b: Branch) -> Branch:
-    """``b`` as a conv at dilation 1 (same function, same kernel center)."""
-    if all(d == 1 for d in _dilation(b)):
-        return b
-    spec = replace(b.spec, dilation=(1,) * b.spec.dims)
-    return replace(b, spec=spec, weight=algebra.undilate(b.weight, _dilation(b)))
+def _on_grid(b: Branch, grid: tuple[int, ...]) -> Branch:
+    """``b`` as a conv at dilation ``grid`` (same function, same kernel center): its taps spread by
+    ``dilation / grid`` with zeros between them (REPARAM §10)."""
+    spread = tuple(d // g if k > 1 else 1 for d, g, k in zip(b.spec.dilation, grid, b.kernel_size))
+    weight = algebra.undilate(b.weight, spread) if any(s > 1 for s in spread) else b.weight
+    return replace(b, spec=replace(b.spec, dilation=grid), weight=weight)
+
+
+def on_common_grid(branches: list[Branch]) -> list[Branch]:
+    """``branches`` re-expressed at one dilation, the coarsest that fits them all (UniRepLKNet's mixed dilations
+    spread to 1; a dilated kxk with a 1x1 or identity stays dilated); unchanged if their spatial ranks differ."""
+    if len({len(b.kernel_size) for b in branches}) > 1:
+        return branches
+    grid = _grid(branches)
+    return [_on_grid(b, grid) for b in branches]
 
 
 def common_path(paths: list[str]) -> str:
