@@ -18,12 +18,10 @@ from torch.utils import _pytree as pytree
 from . import deploy
 from .capture import Captured
 from .capture import capture as capture_graph
-from .errors import VerificationError
-from .finalize import finalize
-from .pipeline import replay, run_passes
+from .core import Outcome, Source, fold
+from .errors import CaptureInputError, VerificationError
 from .registry import Pass, list_passes, resolve
-from .report import Report, count_ops
-from .verify import Reference, Verification
+from .verify import Reference, fresh_copies, state_kept
 
 __all__ = ["optimize"]
 
@@ -61,7 +59,8 @@ def _check_call(model: Any, args: tuple | None, kwargs: dict[str, Any]) -> None:
 
 def _float64_twin(model: nn.Module) -> Callable[..., Any] | None:
     """``model`` run with float64 copies of its floating parameters and buffers, made on the first call (no copy
-    of the module itself; most verifications never need them); None where the model is float64 already."""
+    of the module itself; most verifications never need them), the buffers afresh on every call (a forward that
+    writes them must start from the model's state each time); None where the model is float64 already."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     if all(t.dtype == torch.float64 or not t.is_floating_point() for t in tensors.values()):
@@ -71,7 +70,13 @@ def _float64_twin(model: nn.Module) -> Callable[..., Any] | None:
     def as64() -> dict[str, torch.Tensor]:
         return {name: t.detach().double() if t.is_floating_point() else t for name, t in tensors.items()}
 
-    return lambda *args, **kwargs: torch.func.functional_call(model, as64(), args, kwargs)
+    buffers = {name for name, _ in model.named_buffers()}
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        state = {name: t.clone() if name in buffers else t for name, t in as64().items()}
+        return torch.func.functional_call(model, state, args, kwargs)
+
+    return run
 
 
 def _dynamic_dims(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> list[Any] | None:
@@ -147,12 +152,14 @@ def optimize(
     tolerance: float | None = None,
     backend_options: dict[str, Any] | None = None,
     progress: bool = False,
+    dynamic_shapes: Any = None,
 ) -> Any:
     """A new module computing ``model``'s inference (eval-mode) function with its structure folded.
 
     Args:
-        model: the ``nn.Module`` to fold; never modified (a model in training mode gets a warning and is
-            folded as in eval mode).
+        model: the ``nn.Module`` to fold; never modified, nor its state advanced (a model in training mode gets
+            a warning and is folded as in eval mode). The result starts in the model's state (buffers its forward
+            writes included) and advances it as the model would: verification runs on saved and restored state.
         example_inputs: a tensor or a tuple of positional inputs. With them the model is captured with
             ``torch.export`` and the result is verified; without them it is traced with ``symbolic_trace``
             and not verified.
@@ -171,13 +178,17 @@ def optimize(
         backend_options: options of ``backend`` (e.g. ``{"path": ...}``); unknown keys raise ``ValueError``.
         progress: print each step (capture, passes, verification) and its time to stderr, through the
             ``"fxreparam"`` logger at INFO level (which can also be configured directly).
+        dynamic_shapes: the dims to keep dynamic, in ``torch.export.export``'s ``dynamic_shapes`` format (per input,
+            ``{dim: torch.export.Dim(...)}``); default: the batch dim where the model allows it. Verification
+            tries another size in each dynamic dim.
 
     Returns:
         The folded module (or what ``backend`` made of it); ``fxreparam.report(result)`` tells what was done.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: weights or inputs on the meta device, an unknown ``backend``, ``capture`` or backend option.
+        ValueError: weights or inputs on the meta device, an unknown ``backend``, ``capture`` or backend option;
+            a :class:`CaptureInputError` for an example in a dtype the model does not run on.
         KeyError: an unknown pass name in ``passes`` or ``skip``.
         CaptureError: neither ``torch.export`` nor ``symbolic_trace`` takes the model.
         VerificationError: the result computes something other than the model (``.pass_name`` names the first
@@ -186,12 +197,13 @@ def optimize(
     """
     with _Progress(progress) as shown:
         return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture, tolerance,
-                         backend_options, shown)
+                         backend_options, shown, dynamic_shapes=dynamic_shapes)
 
 
 def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, verify: bool, backend: str | None,
               example_kwargs: dict[str, Any] | None, capture: str, tolerance: float | None,
-              backend_options: dict[str, Any] | None, shown: _Progress, double: bool = True) -> Any:
+              backend_options: dict[str, Any] | None, shown: _Progress, double: bool = True,
+              dynamic_shapes: Any = None) -> Any:
     """:func:`optimize`'s body, after its arguments. ``double=False``: a batch-1 example is captured as given
     (the retry where the batch-of-two capture turns out not to compute the model at batch size 1)."""
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
@@ -204,11 +216,10 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
                       "the model itself is left in training mode", stacklevel=3)
     start = time.perf_counter()
     work = copy.deepcopy(model).eval()
+    _check_dtypes(work, args, kwargs)
     log.info("capturing %s (%s) ...", type(model).__name__, capture)
-    # Verification runs the example anyway: the capture's own check of a batch-of-two graph is left to it.
-    captured = capture_graph(work, args, kwargs, capture, double=double, check=not verify)
-    gm = captured.gm
-    log.info("captured %d nodes with %s in %.2f s", len(gm.graph.nodes), captured.method, captured.seconds)
+    captured = _capture(work, args, kwargs, capture, double, verify, dynamic_shapes)
+    log.info("captured %d nodes with %s in %.2f s", len(captured.gm.graph.nodes), captured.method, captured.seconds)
 
     reference, note, verify_seconds = None, "skipped (verify=False)", 0.0
     if verify and args is None:
@@ -220,92 +231,91 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
                               covers=getattr(captured, "check_inputs", None))
         verify_seconds = time.perf_counter() - tick
 
-    before = count_ops(gm)
-    tick = time.perf_counter()
-    passlog = run_passes(gm, selected, on_pass=shown.on_pass(len(selected)))
-    shown.close()
-    folded = finalize(gm, class_name=f"Folded{type(model).__name__}")
-    log.info("ran %d passes to a fixpoint in %d rounds and finalized in %.2f s: %d rewrites", len(selected),
-             passlog.rounds, time.perf_counter() - tick, sum(s.rewrites for s in passlog.stats.values()))
+    def fresh() -> fx.GraphModule:  # the same capture again, for the culprit search
+        return _capture(copy.deepcopy(model).eval(), args, kwargs, captured.method_key, double, True,
+                        dynamic_shapes).gm
 
-    verification: Verification | None = None
-    if reference is not None:
-        tick = time.perf_counter()
-        verification = reference.check(folded)
-        verify_seconds += time.perf_counter() - tick
-        log.info("verified against the original in %.2f s: %s", verify_seconds, verification)
-        if not verification.checked:
-            raise VerificationError(
-                f"could not verify the optimized {type(model).__name__}: {verification.note}. Give example inputs "
-                "the model computes something on, or pass verify=False to accept the result unverified.",
-                pass_name=None, error=verification.error, tolerance=verification.tolerance,
-                verification=verification)
-        if not verification.ok:
-            by_name = {p.name: p for p in selected}
-            log.info("replaying the passes one by one to find the one that changed the outputs ...")
-            error = _blame(model, args, kwargs, reference, [by_name[n] for n in passlog.schedule], verification,
-                           captured.method_key, double)
-            if error.pass_name == "capture" and captured.doubled:
-                log.info("the batch-of-two capture does not compute the model on the example: capturing it as given")
-                return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture,
-                                 tolerance, backend_options, shown, double=False)
-            raise error
-    folded.fxreparam_report = Report(
-        model=type(model).__name__, capture=captured.method, capture_seconds=captured.seconds,
-        optimize_seconds=time.perf_counter() - start - captured.seconds, passes=list(passlog.stats.values()),
-        refusals=passlog.refusals, before=before, after=count_ops(folded), verification=verification,
-        verification_note=note, rounds=passlog.rounds, verify_seconds=verify_seconds,
-        notes=_notes(args, passlog))
+    source = Source(captured.gm, type(model).__name__, captured.method, captured.seconds, fresh, _notes(args))
+    outcome = fold(source, selected, class_name=f"Folded{type(model).__name__}",
+                   check=reference.check if reference is not None else None,
+                   verification_note=note, on_pass=shown.on_pass(len(selected)), verify_seconds=verify_seconds)
+    shown.close()
+    log.info("ran %d passes to a fixpoint in %d rounds, finalized and verified: %d rewrites; %s", len(selected),
+             outcome.passlog.rounds, sum(s.rewrites for s in outcome.passlog.stats.values()),
+             outcome.verification if outcome.verification is not None else note)
+    if outcome.failed:
+        if outcome.culprit == "capture" and captured.doubled:
+            log.info("the batch-of-two capture does not compute the model on the example: capturing it as given")
+            return _optimize(model, example_inputs, passes, skip, verify, backend, example_kwargs, capture,
+                             tolerance, backend_options, shown, double=False, dynamic_shapes=dynamic_shapes)
+        raise _failure(model, outcome, captured.method)
+    folded = outcome.module
+    outcome.report.optimize_seconds = time.perf_counter() - start - captured.seconds
+    folded.fxreparam_report = outcome.report
     if backend not in (None, "eager"):
         log.info("handing the folded module to %s ...", backend)
     return deploy.deploy(folded, backend, args, dict(backend_options or {}))
 
 
-def _notes(args: tuple | None, passlog: Any) -> list[str]:
-    """What the report should say beyond its tables: a capture without inputs, passes that did not settle."""
-    notes = []
-    if args is None:
-        notes.append("no example inputs: captured with symbolic_trace, which knows no shapes, leaves in-place writes "
-                     "and hooked modules alone and cannot verify the result; optimize(model, example_inputs) folds "
-                     "more (a RepVGG block's identity BN, for one) and verifies it")
-    if passlog.unsettled:
-        notes.append(f"no fixpoint after {passlog.rounds} rounds: {', '.join(passlog.unsettled)} still rewrote in the "
-                     "last one (the result is verified all the same; please report the model)")
-    return notes
+def _capture(work: nn.Module, args: tuple | None, kwargs: dict[str, Any], method: str, double: bool, verify: bool,
+             dynamic_shapes: Any) -> Captured:
+    """Capture ``work`` leaving its state as it was (the capture's own check runs it). Verification runs the
+    example anyway, so the capture's check of a batch-of-two graph is left to it."""
+    extra = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
+    with state_kept(work):
+        return capture_graph(work, args, kwargs, method, double=double, check=not verify, **extra)
 
 
-def blame(fresh: Callable[[], fx.GraphModule], reference: Reference, schedule: list[Pass],
-          failed: Verification) -> tuple[str, Verification]:
-    """Replay ``schedule`` one pass at a time on a ``fresh()`` capture; the first pass after which
-    ``reference`` no longer accepts the graph, and that check ("capture" where the graph differs before any pass,
-    "finalize" if every pass was fine)."""
-    gm = fresh()
-    step = reference.check(gm)
-    if not step.ok:
-        return "capture", step
-    for p in replay(gm, schedule):
-        step = reference.check(gm)
-        if not step.ok:
-            return p.name, step
-    return "finalize", failed
+def _check_dtypes(work: nn.Module, args: tuple | None, kwargs: dict[str, Any]) -> None:
+    """Refuse, before any work, a floating example in a dtype the model's weights are not in where the model does
+    not run on it (a float64 example for a float32 model), with the remedy; the model's state is left as it was."""
+    weights = {t.dtype for t in [*work.parameters(), *work.buffers()] if t.is_floating_point()}
+    leaves = pytree.tree_leaves((args, kwargs))
+    odd = [(i, x) for i, x in enumerate(leaves)
+           if isinstance(x, torch.Tensor) and x.is_floating_point() and weights and x.dtype not in weights]
+    if not odd:
+        return
+    try:
+        with torch.no_grad(), state_kept(work):
+            work(*fresh_copies(args or ()), **fresh_copies(kwargs))
+    except Exception as err:
+        i, x = odd[0]
+        dtype = str(next(iter(weights))).removeprefix("torch.")
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise CaptureInputError(
+            f"example input {i} is a {x.dtype} tensor, but {type(work).__name__}'s weights are "
+            f"{', '.join(sorted(str(w) for w in weights))} and it does not run on it ({type(err).__name__}: {first}). "
+            f"Remedy: pass the example in the model's dtype (x.to(torch.{dtype})), or convert the model first "
+            f"(model.to({x.dtype}))") from err
 
 
-def _blame(model: nn.Module, args: tuple, kwargs: dict, reference: Reference, schedule: list[Pass],
-           failed: Verification, method: str, double: bool = True) -> VerificationError:
-    """The :class:`VerificationError` naming the first pass after which the outputs diverge (``"capture"``
-    where the captured graph itself does not compute the model)."""
-    def fresh() -> fx.GraphModule:  # the same capture again, unchecked as the first was
-        return capture_graph(copy.deepcopy(model).eval(), args, kwargs, method, double=double, check=False).gm
-
-    culprit, step = blame(fresh, reference, schedule, failed)
+def _failure(model: nn.Module, outcome: Outcome, method: str) -> VerificationError:
+    """The :class:`VerificationError` for a fold that could not be verified or changed the outputs, naming the
+    first pass after which they diverge (``"capture"`` where the captured graph itself does not compute them)."""
+    verification, culprit, step = outcome.verification, outcome.culprit, outcome.culprit_check
+    name = type(model).__name__
+    if not verification.checked:
+        return VerificationError(
+            f"could not verify the optimized {name}: {verification.note}. Give example inputs the model computes "
+            "something on, or pass verify=False to accept the result unverified.",
+            pass_name=None, error=verification.error, tolerance=verification.tolerance, verification=verification)
     if culprit == "capture":
         return VerificationError(
-            f"the captured graph ({method}) computes something other than {type(model).__name__} before any pass ran: "
-            f"{step}. Nothing was returned; run again with capture='symbolic_trace' (or 'export'), and please "
-            "report the model.", pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)
+            f"the captured graph ({method}) computes something other than {name} before any pass ran: {step}. "
+            "Nothing was returned; run again with capture='symbolic_trace' (or 'export'), and please report the "
+            "model.", pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)
     remedy = (f"run again with skip=[{culprit!r}] to optimize without it" if culprit != "finalize" else
               "every pass kept the outputs, so building the final module changed them")
     return VerificationError(
-        f"{'pass ' + repr(culprit) if culprit != 'finalize' else 'finalize'} changed {type(model).__name__}'s "
-        f"outputs: {step}. Nothing was returned; {remedy}, and please report the model.",
+        f"{'pass ' + repr(culprit) if culprit != 'finalize' else 'finalize'} changed {name}'s outputs: {step}. "
+        f"Nothing was returned; {remedy}, and please report the model.",
         pass_name=culprit, error=step.error, tolerance=step.tolerance, verification=step)
+
+
+def _notes(args: tuple | None) -> list[str]:
+    """What the report should say beyond its tables: a capture without inputs."""
+    if args is not None:
+        return []
+    return ["no example inputs: captured with symbolic_trace, which knows no shapes, leaves in-place writes and "
+            "hooked modules alone and cannot verify the result; optimize(model, example_inputs) folds more (a "
+            "RepVGG block's identity BN, for one) and verifies it"]

@@ -5,29 +5,36 @@ captures (graph breaks included, so a model no tracer takes whole still folds re
 and hands the result to an inner compiler, Inductor by default (with its freezing on). Dynamo passes
 parameters and buffers as graph inputs; the backend *freezes* them (:mod:`fxreparam.frozen`), as Inductor's
 ``freezing`` does: their values are read once, at compile time, and the compiled model is for inference. Change a weight
-and compile again (``torch._dynamo.reset()``). A region whose fold fails verification never breaks the
-user's ``torch.compile``: the pass to blame is named in a warning and the region's report, and the region
-is compiled without it (or unfolded).
+and compile again (``torch._dynamo.reset()``). Buffers the region writes stay inputs, so the compiled model advances
+its state as the uncompiled one; a region in training mode is compiled unfolded. Under ``dynamic=True`` the region
+is folded on its symbolic shapes and verified at two sizes; the scalars Dynamo lifts to inputs (a BatchNorm's ``eps``)
+are read as constants and checked at every call. A region whose fold fails verification never breaks the user's
+``torch.compile``: the pass to blame is named in a warning and the region's report, and the region is compiled
+without it (or unfolded); any other failure compiles the region unfolded, with one warning.
+
+Options (``torch.compile(..., options={...})``): ``inner`` (``"inductor"``, ``"eager"``, ``"tensorrt"``),
+``passes``, ``skip``, ``verify`` and ``tolerance`` as :func:`fxreparam.optimize` takes them.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
+from .core import Outcome, Source, fold
 from .deploy import INNER_COMPILERS, compile_with
-from .finalize import finalize
-from .frozen import compile_frozen, freeze, on_runtime_inputs, runtime_positions
+from .frozen import compile_frozen, freeze, lift_scalars
 from .mutation import mark_written
-from .pipeline import run_passes
-from .registry import Pass, list_passes
+from .registry import Pass, list_passes, resolve
 from .report import Report, count_ops
 from .verify import Reference, Verification
 
@@ -38,6 +45,7 @@ log = logging.getLogger("fxreparam")
 _REPORTS: list[Report] = []
 _MAX_DROPPED = 3  # passes dropped one by one from a failing region before it is compiled unfolded
 _MANY_FROZEN = 64  # frozen tensors from which a region's report points at Dynamo's per-call guard cost
+_OPTIONS = ("inner", "passes", "skip", "verify", "tolerance")
 
 
 def region_reports() -> list[Report]:
@@ -45,149 +53,316 @@ def region_reports() -> list[Report]:
     return list(_REPORTS)
 
 
-def functional(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
-    """``gm`` with its in-place writes turned into data flow (Dynamo's graphs keep ``x += y`` and ``relu_``, which
-    block every fold that reads the written value), traced once on ``inputs`` through functionalization; ``gm``
-    itself where it writes nothing, takes symbolic sizes, or cannot be traced that way."""
-    if not mark_written(gm) or not all(isinstance(x, torch.Tensor) for x in inputs):
-        return gm
-    from torch.fx.experimental.proxy_tensor import make_fx
+@dataclass
+class Settings:
+    """The backend's options, checked: the inner compiler and what :func:`fxreparam.optimize` also takes."""
 
-    try:
-        with torch.no_grad():
-            traced = make_fx(torch.func.functionalize(gm, remove="mutations_and_views"))(
-                *[x.detach().clone() for x in inputs])
-    except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
-        log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
-        return gm
-    return traced
+    inner: str = "inductor"
+    passes: list[Pass] = field(default_factory=list_passes)
+    verify: bool = True
+    tolerance: float | None = None
 
-
-def _fold(gm: fx.GraphModule, example_inputs: Sequence[Any], passes: list[Pass]
-          ) -> tuple[fx.GraphModule, Any, Any, float]:
-    """Freeze a copy of ``gm``, make it functional and fold it with ``passes``: the folded graph, its op counts
-    before, its pass log, and the seconds freezing and functionalization took (the region's capture)."""
-    tick = time.perf_counter()
-    frozen, keep = freeze(copy.deepcopy(gm), example_inputs)
-    frozen = functional(frozen, [example_inputs[i] for i in keep])
-    prepared = time.perf_counter() - tick
-    before = count_ops(frozen)
-    passlog = run_passes(frozen, passes)
-    return finalize(frozen, class_name="FoldedRegion"), before, passlog, prepared
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> Settings:
+        """Read ``torch.compile``'s ``options``; an unknown key, inner compiler or pass name raises."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown fxreparam backend options {unknown}; known: {', '.join(_OPTIONS)}")
+        inner = options.get("inner", "inductor")
+        if inner not in INNER_COMPILERS:
+            raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
+        chosen = list_passes() if options.get("passes") is None else resolve(options["passes"])
+        skipped = {p.name for p in resolve(options["skip"])} if options.get("skip") else set()
+        return cls(inner, [p for p in chosen if p.name not in skipped], bool(options.get("verify", True)),
+                   options.get("tolerance"))
 
 
-def _region_reference(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: list[int]) -> Reference:
-    """The region's own outputs on its runtime inputs, in its dtype and in float64: the frozen inputs converted, and
-    the weights Dynamo installed on the graph itself (it does so when Inductor's freezing is on while tracing)."""
-    frozen = {i: x.detach() for i, x in enumerate(example_inputs) if i not in keep}
-    frozen64 = {i: x.double() if x.is_floating_point() else x for i, x in frozen.items()}
+# ----------------------------------------------------------------------------------------------- the region
 
-    def call(module: fx.GraphModule, values: dict[int, Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            it = iter(args)
-            return module(*[values[i] if i in values else next(it) for i in range(len(example_inputs))])
+
+def _hint(value: Any) -> Any:
+    """A SymInt's size at this compile (read without adding a guard), anything else as it is."""
+    return value.node.hint if isinstance(value, torch.SymInt) else value
+
+
+@dataclass
+class Region:
+    """Dynamo's graph and inputs, and how they are fed: ``keep`` the positions the folded graph still takes,
+    ``scalars`` the lifted scalars read as constants (checked at every call), ``sizes`` each SymInt input as
+    (input position, dim) of a tensor input whose size it is, ``varying`` the tensor inputs a check draws anew,
+    ``shapes`` the shape Dynamo traced each input with (SymInts where it is symbolic)."""
+
+    gm: fx.GraphModule
+    inputs: Sequence[Any]
+    keep: list[int]
+    scalars: dict[int, Any]
+    sizes: dict[int, tuple[int, int]]
+    varying: list[int]
+    shapes: list[tuple[Any, ...]]
+    functional: bool = False
+
+    def fixed(self) -> dict[int, Any]:
+        """The inputs a check holds at this compile's values: weights, lifted scalars, unmatched SymInts."""
+        return {i: _hint(x) for i, x in enumerate(self.inputs) if i not in self.varying}
+
+    def caller(self, module: Callable[..., Any], slots: Sequence[int], fixed: dict[int, Any] | None = None
+               ) -> Callable[..., Any]:
+        """``module`` (taking the inputs at ``slots``) called with the varying tensors only, the others
+        ``fixed`` (default :meth:`fixed`); the SymInt inputs follow the sizes of the tensors."""
+        fixed = self.fixed() if fixed is None else fixed
+
+        def run(*tensors: Any) -> Any:
+            values = {**fixed, **dict(zip(self.varying, tensors))}
+            values.update({i: values[j].shape[d] for i, (j, d) in self.sizes.items()})
+            return module(*[values[i] for i in slots])
 
         return run
 
-    stored = any(t.is_floating_point() and t.dtype != torch.float64 for t in (*gm.parameters(), *gm.buffers()))
-    gm64 = copy.deepcopy(gm).double() if stored else gm
-    as64 = stored or any(x.is_floating_point() and x.dtype != torch.float64 for x in frozen.values())
-    return Reference(call(gm, frozen), tuple(example_inputs[i] for i in keep),
-                     original64=call(gm64, frozen64) if as64 or not frozen else None)
+    def dynamic(self) -> list[dict[int, tuple[int, None]]] | None:
+        """Per varying input, its symbolic dims (a check tries another size there); None where a dim is a
+        compound expression of the symbols, which one other size per dim cannot keep consistent."""
+        found = []
+        for i in self.varying:
+            shape = self.shapes[i]
+            if any(isinstance(n, torch.SymInt) and not n.node.expr.is_Symbol for n in shape):
+                return None
+            found.append({d: (2, None) for d, n in enumerate(shape) if isinstance(n, torch.SymInt)})
+        return found
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _traced_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...]]:
+    """The shape Dynamo traced each input with (SymInts where it is symbolic; () for a non-tensor)."""
+    values = [n.meta.get("example_value") for n in _placeholders(gm)]
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in values]
+
+
+def _size_sources(shapes: list[tuple[Any, ...]], inputs: Sequence[Any], tensors: list[int]
+                  ) -> dict[int, tuple[int, int]]:
+    """Each SymInt input as the (tensor input, dim) whose size is that symbol, where one is."""
+    where: dict[Any, tuple[int, int]] = {}
+    for i in tensors:
+        for d, n in enumerate(shapes[i]):
+            if isinstance(n, torch.SymInt) and n.node.expr.is_Symbol:
+                where.setdefault(n.node.expr, (i, d))
+    return {i: where[x.node.expr] for i, x in enumerate(inputs)
+            if isinstance(x, torch.SymInt) and x.node.expr in where}
+
+
+def region(gm: fx.GraphModule, inputs: Sequence[Any]) -> Region:
+    """A frozen, functional copy of Dynamo's graph, its lifted scalars read, ready to fold."""
+    frozen, keep = freeze(copy.deepcopy(gm), inputs)
+    scalars = lift_scalars(frozen, inputs, keep)
+    tensors = [i for i in keep if isinstance(inputs[i], torch.Tensor) and i not in scalars]
+    shapes = _traced_shapes(gm)
+    functional, changed = functionalize(frozen, [_placeholders(gm)[i] for i in keep], [inputs[i] for i in keep])
+    return Region(functional, inputs, keep, scalars, _size_sources(shapes, inputs, tensors), tensors, shapes, changed)
+
+
+def functionalize(gm: fx.GraphModule, placeholders: list[fx.Node], inputs: Sequence[Any]
+                  ) -> tuple[fx.GraphModule, bool]:
+    """``gm`` with its in-place writes turned into data flow (Dynamo's graphs keep ``x += y`` and ``relu_``, which
+    block every fold that reads the written value; a write into an input becomes one copy into it at the end),
+    and whether it changed. Traced on real copies of ``inputs``, or, where the region takes symbolic sizes, on the
+    tensors Dynamo traced with, so the result keeps the symbolic shapes; ``gm`` itself where it writes nothing."""
+    if not mark_written(gm):
+        return gm, False
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn = torch.func.functionalize(gm, remove="mutations_and_views")
+    try:
+        with torch.no_grad():
+            if all(isinstance(x, torch.Tensor) for x in inputs) and not _symbolic(placeholders):
+                return make_fx(fn)(*[x.detach().clone() for x in inputs]), True
+            return _symbolic_trace(fn, [p.meta.get("example_value") for p in placeholders]), True
+    except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
+        log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
+        return gm, False
+
+
+def _symbolic(placeholders: list[fx.Node]) -> bool:
+    """Whether Dynamo traced any of these inputs with a symbolic size."""
+    return any(isinstance(n, torch.SymInt) for p in placeholders for n in getattr(p.meta.get("example_value"),
+                                                                                   "shape", ()))
+
+
+def _symbolic_trace(fn: Callable[..., Any], fakes: list[Any]) -> fx.GraphModule:
+    """``fn`` traced on the tensors Dynamo traced with, in its fake mode: the graph keeps the symbolic sizes."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode = detect_fake_mode(fakes)
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True  # the frozen weights are real tensors
+    try:
+        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+    finally:
+        mode.allow_non_fake_inputs = allowed
+
+
+def _training(gm: fx.GraphModule) -> fx.Node | None:
+    """The first op the region runs in training mode (a batch norm that updates its statistics, a dropout)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+        except (TypeError, ValueError):
+            continue
+        if bound.get("training") is True or bound.get("train") is True:
+            return node
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the backend
 
 
 def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
                       mode: str | None = None) -> Callable[..., Any]:
     """The ``"fxreparam"`` torch.compile backend: freeze, fold, verify, then compile with ``options["inner"]``.
 
-    Options: ``inner`` (``"inductor"``, ``"eager"``, ``"tensorrt"``), ``verify`` (default ``True``). A fold that
-    fails verification is not raised: the culprit pass is dropped for this region, with a warning.
+    Options: ``inner`` (``"inductor"``, ``"eager"``, ``"tensorrt"``), ``passes``, ``skip``, ``verify`` (default
+    ``True``), ``tolerance``. A fold that fails verification is not raised: the culprit pass is dropped for this
+    region, with a warning; any other failure compiles the region unfolded, with one warning.
     """
-    options = dict(options or {})
-    inner = options.pop("inner", "inductor")
-    verify = options.pop("verify", True)
-    if options:
-        raise ValueError(f"unknown fxreparam backend options {sorted(options)}; known: inner, verify")
-    if inner not in INNER_COMPILERS:
-        raise ValueError(f"unknown inner compiler {inner!r}; choose one of {INNER_COMPILERS}")
+    settings = Settings.parse(options)
     start = time.perf_counter()
-    keep = runtime_positions(gm, example_inputs)
-    frozen = len(example_inputs) - len(keep)
-    passes = list_passes()
-    folded, before, passlog, capture_seconds = _fold(gm, example_inputs, passes)
-    runtime_inputs = [example_inputs[i] for i in keep]
-    verification: Verification | None = None
-    notes: list[str] = []
-    note, verify_seconds = "skipped (verify=False)", 0.0
-    if verify and not all(isinstance(x, torch.Tensor) for x in runtime_inputs):
-        note = "skipped: the region takes symbolic sizes as inputs"
-    elif verify:
-        tick = time.perf_counter()
-        reference = _region_reference(gm, example_inputs, keep)
-        verification = reference.check(folded)
-        dropped: list[str] = []
-        while verification is not None and not verification.ok:
-            culprit = _culprit(gm, example_inputs, reference, passes, passlog.schedule, verification)
-            if culprit in ("capture", "finalize") or not verification.checked or len(dropped) >= _MAX_DROPPED:
-                notes.append(f"the folded region failed verification ({verification}); compiled unfolded")
-                _warn(f"a torch.compile region could not be folded exactly ({verification}); it was compiled "
-                      "unfolded. Please report the model.")
-                folded, keep, verification = None, list(range(len(example_inputs))), None
-                note = "not applicable: the region was compiled unfolded"
-                break
-            dropped.append(culprit)
-            notes.append(f"pass {culprit!r} changed the region's outputs ({verification}); recompiled without it")
-            _warn(f"pass {culprit!r} changed a torch.compile region's outputs ({verification}); the region was "
-                  f"compiled without it. Please report the model.")
-            passes = [p for p in passes if p.name != culprit]
-            folded, before, passlog, _ = _fold(gm, example_inputs, passes)
-            verification = reference.check(folded)
-        verify_seconds = time.perf_counter() - tick
-    optimize_seconds = time.perf_counter() - start - capture_seconds
-    target = folded if folded is not None else gm
-    tick = time.perf_counter()
+    training = _training(gm)
+    if training is not None:
+        return _unfolded(gm, example_inputs, settings, start, f"the region runs in training mode ({training.name}): "
+                         "compiled without folding, so it keeps training semantics (BN statistics advance once per "
+                         "call)")
     try:
-        compiled = _compile(inner, target, [example_inputs[i] for i in keep])
+        return _folded(gm, example_inputs, settings, start)
     except Exception as err:
-        if folded is None:
-            raise  # the user's own region does not compile: that error is theirs
-        notes.append(f"the inner compiler {inner} failed on the folded region ({type(err).__name__}); compiled "
-                     "unfolded")
-        _warn(f"the inner compiler {inner} failed on a folded torch.compile region ({type(err).__name__}: "
-              f"{str(err).splitlines()[0][:200] if str(err) else ''}); the region was compiled unfolded. Please "
-              "report the model.")
-        target, keep = gm, list(range(len(example_inputs)))
-        compiled = compile_with(inner, gm, example_inputs)
-    compile_seconds = time.perf_counter() - tick
+        culprit = getattr(err, "pass_name", None)
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        remedy = (f"torch.compile(..., backend='fxreparam', options={{'skip': [{culprit!r}]}}) compiles the others"
+                  if culprit else "please report the model")
+        _warn(f"folding a torch.compile region failed ({type(err).__name__}: {first}); the region was compiled "
+              f"unfolded. Remedy: {remedy}.")
+        return _unfolded(gm, example_inputs, settings, start, f"folding failed ({type(err).__name__}"
+                         + (f" in pass {culprit!r}" if culprit else "") + "): compiled unfolded")
+
+
+def _unfolded(gm: fx.GraphModule, inputs: Sequence[Any], settings: Settings, start: float, note: str
+              ) -> Callable[..., Any]:
+    """The region compiled as Dynamo gave it, with a report that says why."""
+    counts = count_ops(gm)
+    tick = time.perf_counter()
+    compiled = compile_with(settings.inner, gm, inputs)
+    _REPORTS.append(Report(model="torch.compile region", capture="Dynamo's graph, unfolded,", capture_seconds=0.0,
+                           optimize_seconds=tick - start, passes=[], refusals=[], before=counts, after=counts,
+                           verification=None, verification_note="not applicable: the region was compiled unfolded",
+                           notes=[note], compiler=settings.inner, compile_seconds=time.perf_counter() - tick))
+    return compiled
+
+
+def _folded(gm: fx.GraphModule, inputs: Sequence[Any], settings: Settings, start: float) -> Callable[..., Any]:
+    """Fold the region (dropping a pass that fails verification), compile it, and feed it its runtime inputs."""
+    tick = time.perf_counter()
+    prepared = region(gm, inputs)
+    capture_seconds = time.perf_counter() - tick
+    reference, note = None, "skipped (verify=False)"
+    if settings.verify:
+        reference = Reference(prepared.caller(gm, range(len(inputs))), tuple(inputs[i] for i in prepared.varying),
+                              original64=_float64_caller(gm, prepared), dynamic=prepared.dynamic(),
+                              floor=settings.tolerance)
+    passes, notes = list(settings.passes), []
+    outcome = _fold(gm, prepared, passes, reference, note, capture_seconds)
+    while outcome.failed:
+        culprit = outcome.culprit
+        if culprit in (None, "capture", "finalize") or len(notes) >= _MAX_DROPPED:
+            return _unfolded(gm, inputs, settings, start, f"the folded region failed verification "
+                             f"({outcome.verification}); compiled unfolded")
+        notes.append(f"pass {culprit!r} changed the region's outputs ({outcome.culprit_check}); recompiled without it")
+        _warn(f"pass {culprit!r} changed a torch.compile region's outputs ({outcome.culprit_check}); the region was "
+              f"compiled without it (options={{'skip': [{culprit!r}]}} does so from the start). Please report the "
+              "model.")
+        passes = [p for p in passes if p.name != culprit]
+        prepared = region(gm, inputs)
+        outcome = _fold(gm, prepared, passes, reference, note, capture_seconds)
+    tick = time.perf_counter()
+    runtime = [inputs[i] for i in prepared.keep]
+    compiled = _compile(settings.inner, outcome.module, runtime)
+    report = outcome.report
+    report.notes += notes + _notes(prepared, len(inputs) - len(prepared.keep))
+    report.compiler, report.compile_seconds = settings.inner, time.perf_counter() - tick
+    report.optimize_seconds = tick - start - capture_seconds
+    _REPORTS.append(report)
+    log.info("fxreparam backend: region folded to %d convs, %d batch norms in %.2f s; inner compiler %s",
+             report.after.conv, report.after.batch_norm, report.optimize_seconds, settings.inner)
+    return _runner(compiled, prepared, lambda: _fallback(settings.inner, gm, inputs))
+
+
+def _fold(gm: fx.GraphModule, prepared: Region, passes: list[Pass], reference: Reference | None, note: str,
+          capture_seconds: float) -> Outcome:
+    """The core's fold of a prepared region; the culprit search folds fresh copies of the same region."""
+    how = "frozen and functionalized" if prepared.functional else "frozen"
+    source = Source(prepared.gm, "torch.compile region", f"Dynamo's graph, {how},", capture_seconds,
+                    fresh=lambda: region(gm, prepared.inputs).gm)
+    def check(candidate: Callable[..., Any]) -> Verification:  # candidates take the runtime inputs only
+        return reference.check(prepared.caller(candidate, prepared.keep))
+
+    return fold(source, passes, class_name="FoldedRegion", check=check if reference is not None else None,
+                verification_note=note)
+
+
+def _float64_caller(gm: fx.GraphModule, prepared: Region) -> Callable[..., Any]:
+    """The region in float64 (fed float64 inputs): the weights and scalars converted, and the weights Dynamo
+    installed on the graph itself (it does so when Inductor's freezing is on while tracing)."""
+    stored = any(t.is_floating_point() and t.dtype != torch.float64 for t in (*gm.parameters(), *gm.buffers()))
+    gm64 = copy.deepcopy(gm).double() if stored else gm
+    fixed = {i: x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+             for i, x in prepared.fixed().items()}
+    return prepared.caller(gm64, range(len(prepared.inputs)), fixed)
+
+
+def _notes(prepared: Region, frozen: int) -> list[str]:
+    """What a folded region's report says beyond its tables: lifted scalars, symbolic sizes, guard cost."""
+    notes = []
+    if prepared.scalars:
+        notes.append(f"{len(prepared.scalars)} scalars Dynamo lifted to inputs (layer attributes such as a batch "
+                     "norm's eps) were read as constants; each call checks them and runs the region unfolded where "
+                     "one changed")
+    if any(isinstance(x, torch.SymInt) for x in prepared.inputs):
+        notes.append("the region takes symbolic sizes: folded on its symbolic shapes"
+                     + ("" if prepared.dynamic() else "; verified at the traced sizes only"))
     if frozen >= _MANY_FROZEN:
         notes.append(f"{frozen} parameters and buffers frozen: Dynamo still checks its guards on the modules that "
                      "hold them at every call (about 2 ms for a thousand); the weights are frozen anyway, so "
                      "torch.compile(..., options={'guard_filter_fn': "
                      "torch.compiler.skip_guard_on_all_nn_modules_unsafe}) drops that cost")
-    # Dynamo's own trace came before this call: "capture" here is freezing its graph and making it functional.
-    report = Report(model="torch.compile region", capture="Dynamo's graph, frozen and functionalized,",
-                    capture_seconds=capture_seconds, optimize_seconds=optimize_seconds,
-                    passes=list(passlog.stats.values()), refusals=passlog.refusals, before=before,
-                    after=count_ops(target), verification=verification, verification_note=note,
-                    rounds=passlog.rounds, notes=notes, verify_seconds=verify_seconds, compiler=inner,
-                    compile_seconds=compile_seconds)
-    _REPORTS.append(report)
-    log.info("fxreparam backend: region of %d ops folded to %d convs, %d batch norms in %.2f s; inner compiler %s",
-             sum(before.as_dict().values()) - before.parameters, report.after.conv, report.after.batch_norm,
-             optimize_seconds, inner)
-
-    return on_runtime_inputs(compiled, keep)
+    return notes
 
 
-def _culprit(gm: fx.GraphModule, example_inputs: Sequence[Any], reference: Reference, passes: list[Pass],
-             schedule: list[str], failed: Verification) -> str:
-    """The first pass after which the region's outputs diverge, replayed on a fresh frozen copy."""
-    from .api import blame
+def _runner(compiled: Callable[..., Any], prepared: Region, fallback: Callable[[], Callable[..., Any]]
+            ) -> Callable[..., Any]:
+    """``compiled`` fed the runtime inputs of Dynamo's input list; where a lifted scalar differs from the value
+    read at compile time, the unfolded region runs instead (compiled on first need)."""
+    keep, scalars = prepared.keep, prepared.scalars
+    unfolded: list[Callable[..., Any]] = []
 
-    by_name = {p.name: p for p in passes}
-    name, _ = blame(lambda: freeze(copy.deepcopy(gm), example_inputs)[0], reference,
-                    [by_name[n] for n in schedule if n in by_name], failed)
-    return name
+    def run(*args: Any) -> Any:
+        if scalars and any(args[i].item() != v for i, v in scalars.items()):
+            if not unfolded:
+                unfolded.append(fallback())
+            return unfolded[0](*args)
+        return compiled(*[args[i] for i in keep])
+
+    return run
+
+
+def _fallback(inner: str, gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The unfolded region compiled with ``inner``, or Dynamo's graph as it is where that fails after the fact."""
+    try:
+        return compile_with(inner, gm, inputs)
+    except Exception as err:
+        log.info("fxreparam backend: unfolded region not compiled (%s); it runs eagerly", type(err).__name__)
+        return gm
 
 
 def _warn(message: str) -> None:

@@ -19,8 +19,9 @@ from torch import fx, nn
 
 from .graph import inline_layers
 from .meta import clean_path
+from .mutation import WRITTEN, mark_written
 
-__all__ = ["compile_frozen", "freeze", "frozen_inductor", "on_runtime_inputs", "runtime_positions"]
+__all__ = ["compile_frozen", "freeze", "frozen_inductor", "lift_scalars", "on_runtime_inputs", "runtime_positions"]
 
 
 def _stored_tensor(node: fx.Node, value: Any) -> str | None:
@@ -38,21 +39,25 @@ def _stored_tensor(node: fx.Node, value: Any) -> str | None:
 
 
 def runtime_positions(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
-    """The positions of the region's inputs that are not parameters or buffers: what it takes at run time."""
+    """The positions of the region's inputs that are not parameters or buffers, or are buffers the graph writes
+    (the write must reach the model's own tensor): what it takes at run time."""
+    mark_written(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _stored_tensor(n, x) is None]
+    return [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
+            if _stored_tensor(n, x) is None or n.meta.get(WRITTEN)]
 
 
 def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
-    """Turn the placeholders that hold parameters and buffers into stored constants, in place.
+    """Turn the placeholders that hold parameters and buffers into stored constants, in place; a buffer the graph
+    writes stays an input, so the write still reaches the model's state.
 
     Returns the frozen graph module and the positions of the inputs it still takes.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     keep = runtime_positions(gm, example_inputs)
-    for node, value in zip(placeholders, example_inputs):
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         path = _stored_tensor(node, value)
-        if path is None:
+        if path is None or i in keep:
             continue
         name = "".join(c if c.isalnum() else "_" for c in path)
         while hasattr(gm, name):
@@ -65,6 +70,29 @@ def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphM
         gm.graph.erase_node(node)
     gm.recompile()
     return gm, keep
+
+
+def lift_scalars(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: list[int]) -> dict[int, float | int | bool]:
+    """Read as constants, in place, the scalars Dynamo lifts to graph inputs (a module's float attributes such as a
+    BatchNorm's ``eps`` and ``momentum``, under ``dynamic=True``): 0-dim tensor inputs that the graph only reads
+    through ``.item()``. Dynamo does not guard their values, so the caller must check them at run time.
+
+    ``keep``: the positions in ``example_inputs`` of ``gm``'s placeholders. Returns position -> value read.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lifted: dict[int, float | int | bool] = {}
+    for node, i in zip(placeholders, keep):
+        value = example_inputs[i]
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0 and node.users
+                and all(u.op == "call_method" and u.target == "item" and len(u.args) == 1 for u in node.users)):
+            continue
+        lifted[i] = value.item()
+        for item in list(node.users):
+            item.replace_all_uses_with(lifted[i])
+            gm.graph.erase_node(item)
+    if lifted:
+        gm.recompile()
+    return lifted
 
 
 def on_runtime_inputs(compiled: Callable[..., Any], keep: list[int]) -> Callable[..., Any]:

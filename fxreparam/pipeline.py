@@ -1,4 +1,5 @@
-"""The pipeline: the built-in passes in one ordered list, and the runner that takes a graph to a fixpoint.
+"""The pipeline: the runner that takes a graph to a fixpoint through the passes in the order the registry keeps
+(:data:`BUILTIN_ORDER`, re-exported here).
 
 One fold can expose another (a folded constant makes a conv whose BN can then fold), so the
 passes repeat, round after round, until none rewrites anything. Every pass sweeps the graph
@@ -18,45 +19,11 @@ from torch import fx
 
 from .graph import eliminate_dead_code
 from .mutation import mark_written
-from .registry import Pass, PassContext, PassError, Refusal
+from .registry import BUILTIN_ORDER, Pass, PassContext, PassError, Refusal, ordered
 
 __all__ = ["BUILTIN_ORDER", "MAX_ROUNDS", "PassLog", "PassStat", "ordered", "replay", "run_passes"]
 
-BUILTIN_ORDER: tuple[str, ...] = (
-    "inference_identities",  # dropout in eval, nn.Identity -> gone
-    "fold_constants",       # parameter-only subgraphs (Dirac, weight norm, parametrize) -> stored weights
-    "conv_bn",              # per-channel affine after a conv or linear layer -> into its kernel
-    "bn_conv",              # per-channel affine before a conv or linear layer -> into its kernel, where exact
-    "pool_as_conv",         # exact average pool before a per-channel affine -> depthwise conv
-    "sequential",           # 1x1-kxk, kxk-1x1, linear-linear pairs -> one layer
-    "branch_sum",           # summed conv / BN / pool branches of one input -> one conv
-    "identity",             # x + f(x) -> f's conv with a Dirac kernel added
-    "concat_convs",         # convs of one input concatenated on channels -> one conv
-    "prune_zero_channels",  # all-zero output channels -> removed with the inputs that read them
-    "cleanup",              # dead nodes and unread tensors -> gone
-)
-"""The order the built-in passes run in, each round."""
-
 MAX_ROUNDS = 32
-
-
-def ordered(passes: list[Pass]) -> list[Pass]:
-    """``passes`` in pipeline order: the built-ins by :data:`BUILTIN_ORDER`, each user pass right after the
-    pass its ``after`` names (default: before ``cleanup``), user passes in registration order."""
-    by_name = {p.name: p for p in passes}
-    result = [by_name[n] for n in BUILTIN_ORDER if n in by_name]
-    for p in passes:
-        if p.name in BUILTIN_ORDER:
-            continue
-        anchor = p.after if p.after in {q.name for q in result} else None
-        if anchor is None:
-            at = next((i for i, q in enumerate(result) if q.name == "cleanup"), len(result))
-        else:
-            at = next(i for i, q in enumerate(result) if q.name == anchor) + 1
-            while at < len(result) and result[at].name not in BUILTIN_ORDER and result[at].after == anchor:
-                at += 1  # after earlier user passes anchored at the same place
-        result.insert(at, p)
-    return result
 
 
 @dataclass

@@ -11,15 +11,17 @@ of an ill-conditioned model passes, a wrong channel next to a 1e4-times larger o
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["FLOOR", "QUICK", "K", "Reference", "Verification", "fresh_copies", "relative_error", "verify"]
+__all__ = ["FLOOR", "QUICK", "K", "Reference", "Verification", "fresh_copies", "relative_error", "state_kept", "verify"]
 
 K = 16
 """A fold may round K times worse than the original model's own rounding (measured per channel against float64):
@@ -183,6 +185,27 @@ def fresh_copies(tree: Any) -> Any:
     return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
+@contextlib.contextmanager
+def state_kept(*modules: Any) -> Iterator[None]:
+    """Run a block that may write the buffers of ``modules`` (in place, or by rebinding the attribute) and leave
+    each as it was, the same tensor holding the same values: verification runs a model whose state is the user's.
+    Parameters are rebound if the block rebinds them (their values are not copied: forwards do not write them);
+    anything that is not an ``nn.Module`` is left alone."""
+    saved: list[tuple[dict, str, torch.Tensor, torch.Tensor | None]] = []
+    for mod in (m for m in modules if isinstance(m, nn.Module)):
+        for sub in mod.modules():
+            saved += [(sub._buffers, n, t, t.detach().clone()) for n, t in sub._buffers.items() if t is not None]
+            saved += [(sub._parameters, n, t, None) for n, t in sub._parameters.items() if t is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for table, name, tensor, values in saved:
+                table[name] = tensor
+                if values is not None:
+                    tensor.copy_(values)
+
+
 def _float64(x: Any) -> Any:
     return x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
@@ -337,8 +360,9 @@ class Reference:
                  original64: Callable[..., Any] | None = None, dynamic: Dynamic | None = None,
                  floor: float | None = None, seed: int = 0,
                  covers: Callable[[tuple, dict], Any] | None = None) -> None:
-        """Run ``original`` (own dtype) on the trial inputs; keep ``original64`` (the same model in float64, fed
-        float64 inputs) for the first check that needs it.
+        """Run ``original`` (own dtype) on the trial inputs, each from its state as it is now (a module's buffers
+        are restored after every run); keep ``original64`` (the same model in float64, fed float64 inputs) for
+        the first check that needs it.
 
         ``original64=None`` means the model is float64 already. ``floor`` overrides :data:`FLOOR`. Where the
         float64 run fails, the own-dtype outputs are the reference and only the floor is allowed. ``covers``
@@ -364,7 +388,8 @@ class Reference:
         with torch.no_grad():
             for i, (a, k) in enumerate(list(self.sets)):
                 try:
-                    self.outputs.append(original(*fresh_copies(a), **fresh_copies(k)))
+                    with state_kept(original):
+                        self.outputs.append(original(*fresh_copies(a), **fresh_copies(k)))
                 except Exception as err:
                     if i == 0:
                         raise
@@ -398,7 +423,8 @@ class Reference:
             return self.outputs
 
     def check(self, candidate: Callable[..., Any]) -> Verification:
-        """Run ``candidate`` in its own dtype on the trial inputs and compare it with the reference per channel:
+        """Run ``candidate`` in its own dtype on the trial inputs, each from its state as it is now (a module's
+        buffers are restored after every run), and compare it with the reference per channel:
         first with the original's own-dtype outputs (the quick check, :data:`QUICK`), then, only where that
         does not settle it, with the float64 ones.
 
@@ -409,7 +435,7 @@ class Reference:
         notes = list(self.notes)
         for i, ((a, k), speculative) in enumerate(zip(self.sets, self.speculative)):
             try:
-                with torch.no_grad():
+                with torch.no_grad(), state_kept(candidate):
                     out = candidate(*fresh_copies(a), **fresh_copies(k))
             except Exception as err:
                 first = str(err).splitlines()[0][:200] if str(err) else ""
