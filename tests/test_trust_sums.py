@@ -223,7 +223,8 @@ def test_branches_on_a_dilated_conv_fold_into_one_dilated_conv(model, shape):
     folded = fxreparam.optimize(model, x, verify=False)
     (conv,) = [m for m in folded.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     dilation = max(m.dilation for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
-    assert (conv.kernel_size, conv.dilation) == ((3,) * len(dilation), dilation)
+    after = fxreparam.report(folded).after
+    assert (conv.kernel_size, conv.dilation, after.add_sub, after.batch_norm) == ((3,) * len(dilation), dilation, 0, 0)
     error, _ = _folded_error(model, x)
     assert error < 1e-5
 
