@@ -140,9 +140,10 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
     where = ctx.label(root, "sum")
     merged_terms: set[int] = set()
     new_parts: list[tuple[Any, float]] = []
+    read = set(groups) | {t for t, _ in terms if isinstance(t, fx.Node)}  # what other terms read or are
+    for reason in (r for source in read for r in blocked.get(source, [])):
+        ctx.refuse(root, f"{where}: {reason}")
     for source, members in groups.items():
-        for reason in blocked.get(source, []):
-            ctx.refuse(root, f"{where}: {reason}")
         if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
             continue
         if not any(b.from_conv for _, b, _ in members):

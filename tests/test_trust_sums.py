@@ -245,3 +245,18 @@ def test_different_dilations_merge_on_their_common_grid():
     run = run_pass("branch_sum", TwoDilations(), torch.randn(1, 4, 20, 20))
     (conv,) = run.layers(nn.Conv2d)
     assert (conv.kernel_size, conv.dilation, run.error < 1e-6) == ((5, 5), (2, 2), True)
+
+
+class ResidualOfCrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=2)
+
+    def forward(self, x):
+        return x + self.conv(_crop(x, 2))
+
+
+def test_a_residual_around_a_crop_then_pad_is_refused():
+    """``x + conv_p2(crop_1(x))`` was folded into one conv with padding 1 on ``x``."""
+    error, reasons = _folded_error(ResidualOfCrop().eval(), torch.randn(2, 4, 8, 8))
+    assert error < 1e-5 and "no padding of" in reasons
