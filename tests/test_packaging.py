@@ -22,9 +22,10 @@ def _package_dirs(root: Path, name: str) -> set[str]:
             if "__pycache__" not in init.parts}
 
 
-def test_setuptools_discovery_ships_every_package():
+def test_setuptools_discovery_ships_every_package(monkeypatch):
     """The wheel holds every package of the checkout (fxreparam.expand was missing from the hand-written list)."""
     pytest.importorskip("setuptools", reason="the packaging metadata is read with setuptools")
+    monkeypatch.chdir(ROOT)  # discovery searches the current folder, as a build in the checkout does
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 
