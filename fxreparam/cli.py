@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import __version__, deploy, list_passes, optimize, report
+from . import __version__, deploy, list_passes, optimize
 from .cli_inputs import (
     DTYPES,
     MODEL_FORMS,
@@ -41,7 +41,8 @@ from .cli_inputs import (
 )
 from .errors import CaptureInputError, FxReparamError, VerificationError
 from .registry import PassError, resolve
-from .timing import time_ms
+from .report import report
+from .timing import Spread, spread_interleaved
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -74,9 +75,19 @@ positional input of forward: SHAPE or SHAPE:DTYPE, e.g. 1x3x224x224 or
 1x128:int64; inputs are random (normal floats, integers 0 or 1), from --seed."""
 
 OUT_EPILOG = """\
---out writes a .pt2 file: a torch.export program with --backend eager, an
-AOTInductor package with --backend aot_inductor. fxreparam.load(path) reads
-either: it tells them apart by their content."""
+--out picks the format from its suffix: with --backend eager, .pt2 writes a
+torch.export program and .onnx an ONNX model; with --backend aot_inductor,
+.pt2 an AOTInductor package; with --backend tensorrt, .ep or .pt2 a TensorRT
+program. Any other suffix is refused. fxreparam.load(path) reads either .pt2:
+it tells them apart by their content."""
+
+# What --out can write, by backend: {suffix: what it is}.
+OUT_FORMATS = {
+    "eager": {".pt2": "a torch.export program", ".onnx": "an ONNX model"},
+    "inductor": {},
+    "aot_inductor": {".pt2": "an AOTInductor package"},
+    "tensorrt": {".ep": "a TensorRT program", ".pt2": "a TensorRT program"},
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,9 +182,34 @@ def _check_out(args: argparse.Namespace) -> None:
     if args.backend == "inductor":
         raise UsageError("--out with --backend inductor: a torch.compile module cannot be saved; save the folded "
                          "program (--backend eager) or build an AOTInductor package (--backend aot_inductor)")
+    _check_suffix(args.out, args.backend)
     folder = Path(args.out).resolve().parent
     if not folder.is_dir():
         raise UsageError(f"--out {args.out}: the folder {str(folder)!r} does not exist")
+
+
+def _check_suffix(out: str, backend: str) -> None:
+    """Refuse an ``--out`` whose suffix ``backend`` cannot write (one line naming those it can), or ONNX without
+    its exporter."""
+    formats = OUT_FORMATS[backend]
+    suffix = Path(out).suffix.lower()
+    if suffix not in formats:
+        can = " or ".join(f"{s} ({what})" for s, what in formats.items())
+        raise UsageError(f"--out {out}: --backend {backend} writes {can}; give --out one of those suffixes")
+    if suffix == ".onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise UsageError(f"--out {out}: writing ONNX needs onnx and onnxscript: pip install 'fxreparam[onnx]'")
+
+
+def _save_eager(folded: nn.Module, out: str, inputs: tuple[torch.Tensor, ...]) -> str:
+    """Write the folded model in the format ``out``'s suffix names; the line that says what was written."""
+    if Path(out).suffix.lower() == ".onnx":
+        log.info("exporting ONNX (torch.onnx, dynamo exporter) ...")
+        path = deploy.export_onnx(folded, inputs, out)
+        data = path.with_name(path.name + ".data")
+        extra = f", its weights in {data.name} next to it: keep the two files together" if data.exists() else ""
+        return f"saved: {path} (ONNX{extra}; run it with onnxruntime, or build a TensorRT engine with trtexec)"
+    path = deploy.save(folded, out, inputs)
+    return f"saved: {path} (a torch.export program; read it back with fxreparam.load)"
 
 
 def _relative_difference(want: Any, got: Any) -> float:
@@ -207,8 +243,7 @@ def _optimize(args: argparse.Namespace) -> int:
     print(report(folded), flush=True)
     if args.backend == "eager":
         if args.out:
-            path = deploy.save(folded, args.out, inputs)
-            print(f"saved: {path} (a torch.export program; read it back with fxreparam.load)")
+            print(_save_eager(folded, args.out, inputs))
     elif args.backend == "inductor":
         _run_inductor(folded, inputs)
     elif args.backend == "aot_inductor":
@@ -223,28 +258,52 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    """Time the original and the folded model (eager, optionally both under Inductor) and print a table."""
-    model, inputs, dtype = _prepare(args)
-    folded = optimize(model, inputs, skip=args.skip, capture=args.capture)
-
-    def timed(fn: Any) -> float:
-        return time_ms(lambda _: fn(*inputs), inputs[0], args.repeat)
-
-    log.info("timing the original and the folded model (median of %d runs) ...", args.repeat)
-    rows = [("original", "eager", timed(model)), ("folded", "eager", timed(folded))]
-    if args.backend == "inductor":
+def _bench_variants(model: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...], backend: str
+                    ) -> dict[str, Any]:
+    """What ``bench`` times, by ``"<model> <backend>"``: both models eager, and under Inductor (frozen) if asked."""
+    variants: dict[str, Any] = {"original eager": model, "folded eager": folded}
+    if backend == "inductor":
         log.info("compiling both with Inductor (weights frozen) ...")
         for label, m in (("original", model), ("folded", folded)):
-            rows.append((label, "inductor", timed(deploy.deploy(m, "inductor", inputs, {}))))
-    base = {backend: ms for label, backend, ms in rows if label == "original"}
+            variants[f"{label} inductor"] = deploy.deploy(m, "inductor", inputs, {})
+    return variants
+
+
+def _spread_warnings(spreads: dict[str, Spread]) -> list[str]:
+    """A warning per backend whose folded and original ``[min, max]`` ranges overlap: the ratio is then noise."""
+    warnings = []
+    for name, folded in spreads.items():
+        backend = name.removeprefix("folded ")
+        original = spreads.get(f"original {backend}")
+        if name.startswith("folded ") and original is not None and folded.overlaps(original):
+            warnings.append(f"warning: {backend}: the folded model's range ({folded.min:.2f}-{folded.max:.2f} ms) "
+                            f"overlaps the original's ({original.min:.2f}-{original.max:.2f} ms), so its speedup "
+                            "is within the run-to-run spread and means nothing; run on an idle machine or with a "
+                            "larger --repeat")
+    return warnings
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time the original and the folded model (eager, optionally both under Inductor), taking turns run by run,
+    and print min / median / max per variant, warning where the spread makes the speedup meaningless."""
+    model, inputs, dtype = _prepare(args)
+    folded = optimize(model, inputs, skip=args.skip, capture=args.capture)
+    variants = _bench_variants(model, folded, inputs, args.backend)
+    log.info("timing %d variants, taking turns run by run (%d runs each) ...", len(variants), args.repeat)
+    spreads = spread_interleaved({name: (lambda _, fn=fn: fn(*inputs)) for name, fn in variants.items()},
+                                 inputs[0], args.repeat)
     shapes = ", ".join(str(spec) for spec in args.input)
     threads = torch.get_num_threads()
     print(f"{args.model}, input {shapes}, {str(dtype).removeprefix('torch.')}, {args.device}, {threads} "
-          f"thread{'s' if threads != 1 else ''}, median of {args.repeat}")
-    print(f"{'model':<10}{'backend':<10}{'ms':>10}{'speedup':>10}")
-    for label, backend, ms in rows:
-        print(f"{label:<10}{backend:<10}{ms:>10.2f}{base[backend] / ms:>9.2f}x")
+          f"thread{'s' if threads != 1 else ''}, {args.repeat} interleaved runs per variant after 3 warm-up runs")
+    print(f"{'model':<10}{'backend':<10}{'min ms':>10}{'median ms':>11}{'max ms':>10}{'speedup':>10}")
+    for name, spread in spreads.items():
+        label, backend = name.split(" ")
+        speedup = spreads[f"original {backend}"].median / spread.median
+        print(f"{label:<10}{backend:<10}{spread.min:>10.2f}{spread.median:>11.2f}{spread.max:>10.2f}{speedup:>9.2f}x")
+    print("speedup: the original's median over the variant's (the same backend)")
+    for warning in _spread_warnings(spreads):
+        print(warning)
     return 0
 
 
@@ -340,16 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what to make of the folded model: eager (default; --out saves a torch.export program), "
                           "inductor (torch.compile with freezing, run once as a check), aot_inductor (a compiled "
                           "package), tensorrt (needs torch-tensorrt)")
-    opt.add_argument("--out", metavar="FILE", help="where to write the result: a .pt2 program (eager), an "
-                     "AOTInductor package (aot_inductor; default: a new temporary folder) or a TensorRT program")
+    opt.add_argument("--out", metavar="FILE", help="where to write the result, in the format its suffix names: "
+                     ".pt2 (a torch.export program) or .onnx (ONNX) with eager, a .pt2 AOTInductor package "
+                     "(aot_inductor; default: a new temporary folder), a .ep TensorRT program (tensorrt)")
     opt.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                      help="TensorRT precision (--backend tensorrt only; default fp32)")
     _add_common(opt)
     opt.set_defaults(run=_optimize)
 
     bench = sub.add_parser("bench", formatter_class=raw, help="time the original against the folded model",
-                           description="Fold MODEL and time it against the original: median wall time of --repeat\n"
-                                       "runs after 3 warm-up runs.", epilog=MODEL_EPILOG)
+                           description="Fold MODEL and time it against the original: the variants take turns run\n"
+                                       "by run (--repeat runs each, after 3 warm-up runs), so a change in the\n"
+                                       "machine's load falls on all alike; min / median / max per variant, and a\n"
+                                       "warning where the folded model's [min, max] range overlaps the\n"
+                                       "original's (the speedup is then within the noise).", epilog=MODEL_EPILOG)
     _add_model_options(bench)
     bench.add_argument("--backend", default="eager", choices=["eager", "inductor"],
                        help="eager (default), or also both models under torch.compile with Inductor (freezing)")

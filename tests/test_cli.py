@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import fxreparam
+import fxreparam.cli
 from fxreparam import deploy
 from fxreparam.cli import main
+from fxreparam.timing import Spread, interleaved_times
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOLIC = re.compile(r"\b[su]\d+\b")  # torch's symbolic sizes (s77) must never reach a user
@@ -163,6 +165,11 @@ ERRORS = [  # (id, arguments after MODEL as a function of tmp_path, exit code, p
     ("an unknown device", lambda p: ["--input", "1x3x16x16", "--device", "gpu"], 2, ["expected a device like cpu"]),
     ("--out in a missing folder", lambda p: ["--input", "1x3x16x16", "--out", str(p / "no" / "m.pt2")], 2,
      ["does not exist"]),
+    ("--out with a suffix it cannot write", lambda p: ["--input", "1x3x16x16", "--out", str(p / "m.bin")], 2,
+     ["m.bin", ".pt2 (a torch.export program)", ".onnx (an ONNX model)"]),
+    ("--out .onnx for an AOTInductor package", lambda p: ["--input", "1x3x16x16", "--backend", "aot_inductor",
+                                                          "--out", str(p / "m.onnx")], 2,
+     ["--backend aot_inductor writes .pt2"]),
 ]
 
 
@@ -266,9 +273,68 @@ def test_bench_prints_a_speedup_table_with_threads_and_dtype(tmp_path, capsys):
                          "--threads", "1", "--dtype", "bfloat16", "--quiet")
     assert code == 0, err
     assert err == ""  # --quiet: no progress lines
-    assert "bfloat16, cpu, 1 thread, median of 3" in out  # "1 thread", not "1 threads"
-    assert "original  eager" in out and "folded    eager" in out
+    assert "bfloat16, cpu, 1 thread, 3 interleaved runs per variant" in out  # "1 thread", not "1 threads"
+    assert re.search(r"min ms\s+median ms\s+max ms\s+speedup", out)
+    assert re.search(r"original  eager\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+1\.00x", out) and "folded    eager" in out
     assert torch.get_num_threads() == threads  # --threads lasts for the command only
+
+
+@pytest.mark.parametrize(("folded", "warned"), [((1.0, 1.1, 1.3), False), ((1.5, 1.8, 2.5), True)])
+def test_bench_times_the_variants_together_and_warns_when_the_ranges_overlap(tmp_path, capsys, monkeypatch,
+                                                                             folded, warned):
+    """One interleaved timing of every variant (the rows were timed one after another, on a loaded machine 38 ms
+    then 602 ms for one model); min / median / max printed; a warning where [min, max] ranges overlap."""
+    calls = []
+
+    def fake_spreads(fns, x, repeat, warmup=3):
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn(x)  # each variant runs on the inputs
+        return {"original eager": Spread(2.0, 2.2, 2.6), "folded eager": Spread(*folded)}
+
+    monkeypatch.setattr(fxreparam.cli, "spread_interleaved", fake_spreads)
+    code, out, err = cli(capsys, "bench", f"{_model_file(tmp_path)}:build", "--input", "1x3x16x16", "--quiet")
+    assert code == 0, err
+    assert calls == [["folded eager", "original eager"]]
+    median = folded[1]
+    assert re.search(rf"folded    eager\s+{folded[0]:.2f}\s+{median:.2f}\s+{folded[2]:.2f}\s+{2.2 / median:.2f}x", out)
+    assert ("overlaps the original's (2.00-2.60 ms)" in out) is warned, out
+
+
+def test_interleaved_times_take_turns_run_by_run():
+    order = []
+    times = interleaved_times({"a": lambda x: order.append("a"), "b": lambda x: order.append("b")},
+                              torch.zeros(1), repeat=3, warmup=1)
+    assert order == ["a", "b"] * 4 and {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert Spread.of([3.0, 1.0, 2.0]) == Spread(1.0, 2.0, 3.0)
+    assert Spread(1, 2, 3).overlaps(Spread(3, 4, 5)) and not Spread(1, 2, 3).overlaps(Spread(3.5, 4, 5))
+
+
+ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(ONNX_MISSING), reason=f"writing and checking ONNX needs {', '.join(ONNX_MISSING)}")
+def test_out_onnx_writes_onnx_not_a_torch_export_archive(tmp_path, capsys):
+    """``--out model.onnx`` wrote a torch.export zip archive under an .onnx name; the suffix picks the format."""
+    import onnx
+    import onnxruntime
+
+    model_file, weights, path = _model_file(tmp_path), tmp_path / "weights.pt", tmp_path / "model.onnx"
+    spec = importlib.util.spec_from_file_location("mymodel", model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build().eval()
+    torch.save(model.state_dict(), weights)
+    code, out, err = cli(capsys, "optimize", f"{model_file}:build", "--weights", str(weights), "--input",
+                         "2x3x16x16", "--out", str(path), "--quiet")
+    assert code == 0, err
+    assert f"saved: {path} (ONNX" in out and not zipfile.is_zipfile(path)
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16)  # another batch: the batch axis is dynamic
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- backends
