@@ -82,3 +82,33 @@ def test_branch_sum_inside_a_dirac_parameterized_net():
     folded = fold(nn.Sequential(DiracRepBlock(), DiracRepBlock()), torch.randn(2, 6, 8, 8))
     rep = fxreparam.report(folded)
     assert rep.after.conv == 2 and rep.after.batch_norm == 0 and rep.after.add_sub == 0
+
+
+class _RandomWeight(nn.Module):
+    """A conv whose weight is drawn anew at every call by an op that carries no random tag of its own."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.rate, self.draw = nn.Parameter(torch.rand(4, 3, 3, 3) + 0.5), draw
+
+    def forward(self, x):
+        return F.conv2d(x, self.draw(self.rate))
+
+
+@pytest.mark.parametrize("draw", [lambda w: F.dropout2d(w, 0.5, True), lambda w: F.gumbel_softmax(w, dim=1),
+                                  lambda w: F.feature_alpha_dropout(w, 0.5, True)],
+                         ids=["dropout2d", "gumbel_softmax", "feature_alpha_dropout"])
+def test_weights_drawn_by_untagged_random_ops_are_not_frozen(draw):
+    model, x = _RandomWeight(draw).eval(), torch.randn(1, 3, 5, 5)
+    folded = fxreparam.optimize(model, None, verify=False)  # symbolic_trace: no shapes, no verification
+    with torch.no_grad():
+        calls = [folded(x) for _ in range(3)]
+    assert fxreparam.report(folded).rewrites["fold_constants"] == 0 or any(
+        not torch.equal(calls[0], c) for c in calls[1:])
+    assert any(t in folded.code for t in ("dropout2d", "gumbel_softmax", "feature_alpha_dropout"))
+
+
+def test_uninitialized_memory_is_not_a_constant():
+    model = _RandomWeight(lambda w: w + 0 * w.new_empty(w.shape)).eval()
+    folded = fxreparam.optimize(model, None, verify=False)
+    assert "new_empty" in folded.code  # its contents are whatever the allocator returns: not a value to store
