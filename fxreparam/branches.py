@@ -292,12 +292,10 @@ def _on_grid(b: Branch, grid: tuple[int, ...]) -> Branch:
 
 
 def on_common_grid(branches: list[Branch]) -> list[Branch]:
-    """``branches`` re-expressed at one dilation, the coarsest that fits them all (UniRepLKNet's mixed dilations
-    spread to 1; a dilated kxk with a 1x1 or identity stays dilated); unchanged if their spatial ranks differ."""
-    if len({len(b.kernel_size) for b in branches}) > 1:
-        return branches
-    grid = _grid(branches)
-    return [_on_grid(b, grid) for b in branches]
+    """``branches`` re-expressed at one dilation per spatial rank, the coarsest that fits them all (UniRepLKNet's
+    mixed dilations spread to their gcd; a dilated kxk with a 1x1 or identity stays dilated)."""
+    grids = {dims: _grid([b for b in branches if b.spec.dims == dims]) for dims in {b.spec.dims for b in branches}}
+    return [_on_grid(b, grids[b.spec.dims]) for b in branches]
 
 
 def common_path(paths: list[str]) -> str:
