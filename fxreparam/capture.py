@@ -11,6 +11,7 @@ included where the example has batch size 1. Without example inputs, or where ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import operator
@@ -31,8 +32,20 @@ from torch.utils import _pytree as pytree
 from .errors import CaptureError, CaptureInputError, ShapeError
 from .verify import fresh_copies
 
-__all__ = ["METHODS", "CaptureInputError", "Captured", "InputGuard", "ShapeError", "capture", "export_program",
-           "guarded_module", "input_spec", "symbolic_trace"]
+__all__ = [
+    "METHODS",
+    "CaptureInputError",
+    "Captured",
+    "ExportGuard",
+    "InputGuard",
+    "ShapeError",
+    "capture",
+    "copy_model",
+    "export_program",
+    "guarded_module",
+    "input_spec",
+    "symbolic_trace",
+]
 
 METHODS = ("auto", "export", "symbolic_trace")
 GUARD = "_guards_fn"  # torch.export's name for its input-guard submodule; the guard node keeps it
@@ -671,6 +684,8 @@ class _Tracer(fx.Tracer):
     convs), is traced as a leaf whose node carries ``meta["fxreparam_opaque"]`` (the reason).
     """
 
+    proxy_buffer_attributes = True  # a buffer read is a node: a write into it (``self.count.add_(1)``) is recorded
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """Trace ``root``, indexing its parameters and buffers by identity first."""
         self._tensor_names: dict[int, str] = {}
@@ -717,9 +732,41 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
         raise CaptureError(f"{type(model).__name__} has {' and '.join(hooks)} on the model itself, which "
                            "symbolic_trace would silently drop. Remedy: pass example inputs (and capture='auto' or "
                            "'export') so torch.export runs the hooks, or remove them.")
+    saved = [(mod, dict(vars(mod)), dict(mod._buffers), dict(mod._parameters)) for mod in model.modules()]
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    try:
+        graph = tracer.trace(model)
+    finally:
+        assigned = _restore(saved)
+    if assigned:
+        raise CaptureError(f"{type(model).__name__}'s forward assigns {', '.join(assigned)}, which symbolic_trace "
+                           "cannot keep as a write. Remedy: pass example inputs so torch.export captures the write "
+                           "(run the model once first where it caches a tensor on itself), or write in place "
+                           "(self.count.add_(1), self.count.copy_(value)), which the graph keeps.")
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _restore(saved: list[tuple[nn.Module, dict, dict, dict]]) -> list[str]:
+    """Put back every module attribute, buffer and parameter a trace assigned (a traced forward that sets
+    ``self.count = self.count + 1`` leaves a proxy there); returns the tensor ones assigned, named, for the error."""
+    assigned: list[str] = []
+    for mod, attrs, buffers, params in saved:
+        for kind, now, before in (("buffer", mod._buffers, buffers), ("parameter", mod._parameters, params),
+                                  ("attribute", vars(mod), attrs)):
+            changed = [k for k, v in now.items() if (k not in before or before[k] is not v)
+                       and isinstance(v, (torch.Tensor, fx.Proxy))]
+            assigned += [f"{kind} {k!r} ({type(mod).__name__})" for k in changed]
+            now.clear()
+            now.update(before)
+    return assigned
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where a forward run under autograd left a computed tensor on a module (old-style
+    ``spectral_norm``'s ``weight``, a cache), which deepcopy refuses: such a tensor is copied detached."""
+    computed = {id(t): t.detach().clone() for mod in model.modules()
+                for t in [*vars(mod).values(), *mod._buffers.values()] if isinstance(t, torch.Tensor) and not t.is_leaf}
+    return copy.deepcopy(model, computed)
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import ops
 from .graph import build_module, call_module, eliminate_dead_code, replace
@@ -46,11 +48,23 @@ def _readable_targets() -> dict[Any, Any]:
 _READABLE = _readable_targets()
 
 
+_WEIGHT_HOOKS = (SpectralNorm, WeightNorm)  # torch's old-style weight reparametrizations (forward pre-hooks)
+
+
 def _plain(mod: nn.Module) -> nn.Module:
-    """The module with its parametrizations evaluated into plain weights."""
+    """The module with its parametrizations and old-style weight hooks (``spectral_norm``, ``weight_norm``)
+    evaluated into plain weights, and no tensor attribute left that autograd computed (``copy.deepcopy`` and
+    ``torch.save`` refuse non-leaf tensors). Exact in eval mode: spectral norm then runs no power iteration."""
     if parametrize.is_parametrized(mod):
         for name in list(mod.parametrizations):
             parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    for key, hook in list(mod._forward_pre_hooks.items()):
+        if isinstance(hook, _WEIGHT_HOOKS):
+            hook.remove(mod)
+            del mod._forward_pre_hooks[key]
+    for name, value in list(vars(mod).items()):
+        if isinstance(value, torch.Tensor) and not value.is_leaf:
+            setattr(mod, name, value.detach())
     return mod
 
 

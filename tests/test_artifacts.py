@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -96,3 +99,43 @@ def test_load_says_what_a_file_is_when_it_is_no_artifact(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(fxreparam.FxReparamError, match="not a zip archive"):
         fxreparam.load(tmp_path / "notes.txt")
+
+
+def round_trips(folded: nn.Module, x: torch.Tensor, expected: torch.Tensor, tmp_path) -> None:
+    """``folded`` survives deepcopy, torch.save/torch.load and a state_dict round trip and still computes ``expected``.
+    """
+    torch.save(folded, tmp_path / "folded.pt")
+    copies = [copy.deepcopy(folded), torch.load(tmp_path / "folded.pt", weights_only=False)]
+    again = copy.deepcopy(folded)
+    again.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        for module in [*copies, again]:
+            assert close(module(x), expected)
+
+
+def test_a_folded_export_capture_deep_copies_pickles_and_loads_its_state_dict(tmp_path):
+    model, x = pooled(), torch.randn(3, 3, 6, 6)
+    folded = fxreparam.optimize(model, x)
+    with torch.no_grad():
+        round_trips(folded, x, model(x), tmp_path)
+    loaded = torch.load(io.BytesIO(_saved(folded)), weights_only=False)
+    with pytest.raises(ShapeError, match=r"dim 1"):  # the input guard survives the round trip
+        loaded(torch.randn(2, 2, 6, 6))
+
+
+def _saved(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("ran_once", [False, True])
+def test_a_folded_old_style_spectral_norm_model_copies_after_calls(ran_once, tmp_path):
+    model = randomize_batch_norms(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded = fxreparam.optimize(model, capture="symbolic_trace")
+    if ran_once:
+        folded(x)  # under autograd: a spectral_norm hook would leave a computed (non-leaf) weight behind
+    with torch.no_grad():
+        expected = model(x)
+    round_trips(folded, x, expected, tmp_path)
