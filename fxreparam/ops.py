@@ -771,24 +771,30 @@ def symmetric_crop(node: fx.Node, spatial_dims: int) -> tuple[fx.Node, tuple[int
     return (node, tuple(crops)) if seen else None
 
 
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout,
-                      *_overloads("dropout", "default")}
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_FUNCTIONAL_DROPOUT = (("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+_ATEN_DROPOUT = (("input", "p", "train"), {})
+_DROPOUT_FUNCTIONS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
+    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
+                    _FUNCTIONAL_DROPOUT),
+    **dict.fromkeys((torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout),
+                    _ATEN_DROPOUT),
+}
+for _name in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"):
+    _DROPOUT_FUNCTIONS.update(dict.fromkeys(_overloads(_name, "default"), _ATEN_DROPOUT))
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def inference_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The input of ``node`` if ``node`` is the identity at inference (dropout in eval, ``nn.Identity``), else None."""
+    """The input of ``node`` if ``node`` is the identity at inference (every dropout variant in eval, in any
+    capture form, and ``nn.Identity``), else None."""
     if opaque(node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.op == "call_module":
         mod = _standard_module(gm, node, (*_DROPOUT_MODULES, nn.Identity))
         return node.args[0] if mod is not None and not mod.training and len(node.args) == 1 else None
     if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-        a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
-        if node.target in (torch.dropout, *_overloads("dropout", "default")):
-            a = _bind(node, ("input", "p", "train"), {})
-            a["training"] = a.get("train", True)
-        return node.args[0] if a.get("training") is False else None
+        a = _bind(node, *_DROPOUT_FUNCTIONS[node.target])
+        return node.args[0] if a.get("training", a.get("train")) is False else None
     return None
 
 

@@ -1,8 +1,9 @@
 """``inference_identities``: ops that are the identity at inference (dropout in eval mode, ``nn.Identity``) removed.
 
 A dropout between a conv and a layer-scale multiply, or between a BatchNorm1d and a Linear, is
-the identity in eval mode but blocks every fold across it. ``torch.export`` drops it already;
-graphs from ``symbolic_trace`` keep the call, and this pass removes it.
+the identity in eval mode but blocks every fold across it. Every capture form keeps it: a module
+call, ``F.dropout2d``/``F.feature_alpha_dropout``, or ``aten.dropout``/``feature_dropout``/
+``alpha_dropout``/``feature_alpha_dropout`` with ``train=False`` under ``torch.export``; this pass removes it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """``inference_identities`` alone: eval-mode dropout and ``nn.Identity`` go, so the folds around them can happen."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,3 +39,45 @@ def test_exported_dropout_goes_and_the_pipeline_reaches_a_fixpoint():
     rep = fxreparam.report(folded)
     assert rep.rounds == 2 and rep.rewrites["inference_identities"] <= 1
     assert not any("dropout" in str(n.target) for n in folded.graph.nodes)
+
+
+class _ConvDropBN(nn.Module):
+    def __init__(self, drop, dims=2):
+        super().__init__()
+        conv, bn = {2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        self.conv, self.drop, self.bn = conv(3, 4, 3), drop, bn(4)
+
+    def forward(self, x):
+        return self.bn(self.drop(self.conv(x)))
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+_VARIANTS = {
+    "Dropout2d": (nn.Dropout2d(0.3), 2), "Dropout3d": (nn.Dropout3d(0.3), 3), "AlphaDropout": (nn.AlphaDropout(), 2),
+    "FeatureAlphaDropout": (nn.FeatureAlphaDropout(), 2),
+    "F.feature_alpha_dropout": (_Call(lambda x: F.feature_alpha_dropout(x, 0.5, False)), 2),
+    "torch.feature_dropout": (_Call(lambda x: torch.feature_dropout(x, 0.5, False)), 2),
+    "torch.alpha_dropout": (_Call(lambda x: torch.alpha_dropout(x, 0.5, False)), 2),
+}
+
+
+@pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_every_eval_dropout_variant_goes_and_unblocks_the_conv_bn_fold(variant, capture):
+    import fxreparam
+
+    drop, dims = _VARIANTS[variant]
+    model, x = _ConvDropBN(drop, dims).eval(), torch.randn(2, 3, *(6,) * dims)
+    folded = fxreparam.optimize(model, x, capture=capture, verify=False)
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() < 1e-5
+    assert not any("dropout" in str(n.target) for n in folded.graph.nodes)
+    assert fxreparam.report(folded).after.batch_norm == 0
