@@ -17,8 +17,9 @@ from torch import fx
 from . import ops
 from .meta import concrete_shape
 
-__all__ = ["FOOTPRINT_LABELS", "MAX_CONSTANT_GROWTH", "Cost", "Footprint", "footprint", "graph_cost", "kernel_cost",
-           "node_positions", "result_costlier", "stored_elements", "why_costlier", "why_not_stored"]
+__all__ = ["FOOTPRINT_LABELS", "MAX_CONSTANT_GROWTH", "PRECOMPUTE_FRACTION", "Cost", "Footprint", "footprint",
+           "graph_cost", "kernel_cost", "node_positions", "precompute_budget", "result_costlier", "stored_elements",
+           "why_costlier", "why_not_stored"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,28 @@ MAX_CONSTANT_GROWTH = 1 << 22
 (a kernel built by padding or repeating a smaller one): the forward would build it every call anyway."""
 
 
-def why_not_stored(numel: int, source_numel: int, *, kernel: bool) -> str | None:
+PRECOMPUTE_FRACTION = 0.01
+"""The precompute budget: constants computed in forward (an anchor grid built from ``arange``, a gathered bias)
+are evaluated once and stored while the elements they add, summed over the whole model, stay within this fraction
+of the stored elements of the model as captured. Each removes executed ops; the bound keeps the memory they take
+small and known."""
+
+
+def precompute_budget(model_stored: int) -> int:
+    """Stored elements that precomputed non-kernel constants may add to a model storing ``model_stored``."""
+    return int(PRECOMPUTE_FRACTION * model_stored)
+
+
+def why_not_stored(numel: int, source_numel: int, *, kernel: bool, budget_left: int = 0) -> str | None:
     """Why a constant of ``numel`` elements computed from ``source_numel`` stored ones should stay in the
-    forward rather than be stored, or ``None``. Only a conv or linear kernel may grow (up to
-    :data:`MAX_CONSTANT_GROWTH`): any other constant grown by its computation (a gathered or expanded bias) is
-    cheaper to recompute than to store, since stored elements are a cost."""
-    if numel > (max(source_numel, MAX_CONSTANT_GROWTH) if kernel else source_numel):
-        return f"it would grow to {numel:,} stored elements from {source_numel:,}"
-    return None
+    forward rather than be stored, or ``None``. A conv or linear kernel may grow up to
+    :data:`MAX_CONSTANT_GROWTH` (the layer reads it whole every call anyway); any other constant that grows by its
+    computation is stored only while its elements fit in ``budget_left``, what is left of the model's
+    :func:`precompute_budget` (the sources may stay stored for other readers, so all of ``numel`` is charged)."""
+    if numel <= source_numel or (kernel and numel <= MAX_CONSTANT_GROWTH) or numel <= budget_left:
+        return None
+    return (f"it would grow to {numel:,} stored elements from {source_numel:,}, more than the {budget_left:,} left of "
+            f"the precompute budget ({PRECOMPUTE_FRACTION:.0%} of the model's stored elements)")
 
 
 def why_costlier(before: Iterable[Cost], after: Cost) -> str | None:

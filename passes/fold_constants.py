@@ -9,6 +9,7 @@ recognizers then see an ordinary conv with a stored weight. (Formerly named ``di
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,23 +17,80 @@ from torch import fx
 
 from fxreparam import cost, evaluate, ops
 from fxreparam.graph import position
+from fxreparam.meta import storage
 from fxreparam.registry import PassContext, register_pass
+
+_aten = torch.ops.aten
+_TEMPLATE_FACTORIES = {_aten.new_full.default, _aten.new_zeros.default, _aten.new_ones.default}
+_TEMPLATE_METHODS = {"new_full", "new_zeros", "new_ones"}
+
+
+def metadata_reads(node: fx.Node) -> list[fx.Node]:
+    """The inputs ``node`` reads for their dtype and device only, not their values: the template of ``new_full``
+    / ``new_zeros`` / ``new_ones`` with a size of plain ints, and ``type_as``'s second argument. (A recognizer:
+    it belongs in :mod:`fxreparam.ops` once that file takes it.) Only inputs whose dtype and device capture
+    recorded are named."""
+    args = node.args
+    if (node.target in _TEMPLATE_FACTORIES or (node.op == "call_method" and node.target in _TEMPLATE_METHODS)) \
+            and len(args) >= 2 and isinstance(args[0], fx.Node) and isinstance(args[1], (list, tuple)) \
+            and all(isinstance(d, int) for d in args[1]):
+        return [args[0]] if storage(args[0]) is not None else []
+    is_type_as = node.target is _aten.type_as.default or (node.op == "call_method" and node.target == "type_as")
+    read = args[1] if is_type_as and len(args) == 2 else None
+    return [read] if isinstance(read, fx.Node) and storage(read) is not None else []
 
 
 def _constant_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value is known before the forward runs: stored tensors and deterministic ops of them."""
+    """Nodes whose value is known before the forward runs: stored tensors and deterministic ops of them (and of
+    the dtype and device of any other value, which capture fixed)."""
     const: set[fx.Node] = set()
     for node in graph.nodes:
         if node.meta.get("fxreparam_written"):
             continue  # written in place somewhere (symbolic_trace graphs): its value depends on when it is read
-        if node.op == "get_attr" or (evaluate.deterministic(node) and all(n in const for n in node.all_input_nodes)):
+        if node.op == "get_attr" or (evaluate.deterministic(node) and all(
+                n in const for n in node.all_input_nodes if n not in metadata_reads(node))):
             const.add(node)
     return const
+
+
+def _stand_ins(const: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """An empty tensor of the recorded dtype and device for each non-constant value a constant reads for its
+    metadata only: what evaluating the constant needs of it."""
+    found: dict[fx.Node, torch.Tensor] = {}
+    for node in const:
+        for read in metadata_reads(node):
+            if read not in const:
+                dtype, device = storage(read)
+                found[read] = torch.empty(0, dtype=dtype, device=device)
+    return found
 
 
 def _numel(value: Any) -> int:
     """Stored floating-point elements (index tensors are not weights)."""
     return value.numel() if isinstance(value, torch.Tensor) and value.is_floating_point() else 0
+
+
+@dataclass
+class PrecomputeBudget:
+    """The elements precomputed constants may add to this model (:func:`fxreparam.cost.precompute_budget` of the
+    model as first seen) and those spent so far, kept on the graph module across rounds."""
+
+    total: int
+    spent: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.total - self.spent
+
+
+def precompute_budget(gm: fx.GraphModule) -> PrecomputeBudget:
+    """The budget of ``gm``, set from its stored elements the first time it is asked (before any fold)."""
+    if _BUDGET not in gm.__dict__:
+        gm.__dict__[_BUDGET] = PrecomputeBudget(cost.precompute_budget(cost.stored_elements(gm)))
+    return gm.__dict__[_BUDGET]
+
+
+_BUDGET = "_fxreparam_precompute_budget"
 
 
 @register_pass("fold_constants", "evaluate parameter-only subgraphs (Dirac, weight norm, parametrize) once into "
@@ -42,8 +100,8 @@ def fold_constants(ctx: PassContext) -> int:
     const = _constant_nodes(gm.graph)
     # The values a data-dependent op reads: computed constants with a consumer outside the constant set.
     boundary = [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
-    env: dict[fx.Node, Any] = {}
-    leaves: dict[fx.Node, int] = {}  # stored floating elements each constant comes from (an upper bound)
+    env: dict[fx.Node, Any] = dict(_stand_ins(const))
+    leaves: dict[fx.Node, int] = dict.fromkeys(env, 0)  # stored elements each constant comes from (an upper bound)
 
     def ancestors(root: fx.Node) -> list[fx.Node]:
         seen, stack = set(), [root]
@@ -67,10 +125,13 @@ def fold_constants(ctx: PassContext) -> int:
         if not isinstance(value, torch.Tensor) or value.is_sparse:
             continue
         kernel = all(u in const or ops.reads_as_kernel(u, node) for u in node.users)
-        why = cost.why_not_stored(value.numel(), leaves[node], kernel=kernel)
+        budget = precompute_budget(gm)
+        why = cost.why_not_stored(value.numel(), leaves[node], kernel=kernel, budget_left=budget.left)
         if why is not None:
-            ctx.refuse(node, f"constant {node.name} is computed in forward: {why}")
+            ctx.refuse(node, f"constant {node.name} is computed in forward: {why}", costlier=True)
             continue
+        if not kernel and value.numel() > leaves[node]:
+            budget.spent += value.numel()
         name = f"_fxreparam_const_{len(gm._buffers)}"
         while hasattr(gm, name):
             name += "_"

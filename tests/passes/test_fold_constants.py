@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxreparam import cost
 from fxreparam.testing import run_pass
 
 
@@ -73,3 +74,49 @@ def test_only_a_kernel_may_grow_when_it_is_precomputed():
     assert run.error < 1e-6
     assert run.rewrites == 1  # the padded kernel: the conv reads it whole every call anyway
     assert "would grow to 256 stored elements from 18" in run.reasons  # the gathered bias stays in forward
+
+
+class _AnchorHead(nn.Module):
+    """A detection head building its anchor grid and stride column in forward from ``arange``, ``meshgrid`` and
+    ``full`` (every ultralytics YOLO head): constants of the captured shape, computed on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 128, 3, padding=1)
+        self.conv2 = nn.Conv2d(128, 2, 1)
+        self.register_buffer("stride", torch.tensor([8.0]))
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv(x)))
+        h, w = y.shape[2:]
+        sx = torch.arange(w, device=y.device, dtype=y.dtype) + 0.5
+        sy = torch.arange(h, device=y.device, dtype=y.dtype) + 0.5
+        gy, gx = torch.meshgrid(sy, sx, indexing="ij")
+        anchors = torch.stack((gx, gy), -1).view(-1, 2)
+        strides = torch.full((h * w, 1), self.stride[0], dtype=y.dtype, device=y.device)
+        return (y.flatten(2).transpose(1, 2) + anchors) * strides
+
+
+def _optimized(model: nn.Module, x: torch.Tensor):
+    import fxreparam
+
+    folded = fxreparam.optimize(model, x)
+    return folded, fxreparam.report(folded)
+
+
+def test_anchor_grid_built_in_forward_is_precomputed_within_the_budget():
+    model, x = _AnchorHead().eval(), torch.randn(1, 16, 6, 6)
+    folded, rep = _optimized(model, x)
+    assert rep.after.add_sub == 1 and rep.before.add_sub == 3  # the grid's two offsets are gone
+    assert not any("arange" in str(n.target) or "meshgrid" in str(n.target) for n in folded.graph.nodes)
+    grown = rep.after.parameters - rep.before.parameters
+    assert 0 < grown <= cost.precompute_budget(rep.before.parameters)  # 36 * 3 elements of grid and strides
+    torch.testing.assert_close(folded(x), model(x))
+
+
+def test_constant_over_the_budget_stays_in_forward_declined_for_its_cost():
+    model, x = _AnchorHead().eval(), torch.randn(1, 16, 32, 32)  # a 32x32 grid: 3,072 elements, over 1%
+    folded, rep = _optimized(model, x)
+    assert any("arange" in str(n.target) for n in folded.graph.nodes)
+    declined = [r for r in rep.refusals if r.declined and "precompute budget" in r.reason]
+    assert declined and not [r for r in rep.refusals if not r.declined]
