@@ -125,9 +125,11 @@ class Region:
         found = []
         for i in self.varying:
             shape = self.shapes[i]
-            if any(isinstance(n, torch.SymInt) and not n.node.expr.is_Symbol for n in shape):
+            if any(isinstance(n, torch.SymInt) and not (n.node.expr.is_Symbol or n.node.expr.is_number)
+                   for n in shape):
                 return None
-            found.append({d: (2, None) for d, n in enumerate(shape) if isinstance(n, torch.SymInt)})
+            found.append({d: (2, None) for d, n in enumerate(shape) if isinstance(n, torch.SymInt)
+                          and n.node.expr.is_Symbol})
         return found
 
 

@@ -89,8 +89,8 @@ def test_weights_dynamo_installs_on_the_graph_are_verified_in_float64_too():
     """With Inductor's freezing on while tracing, Dynamo puts the weights on the graph instead of passing them as
     inputs: the region's float64 reference must convert them too, else it does not run, the allowed error falls to
     the float32 floor, and an exact fold of an ill-conditioned region (timm mobileone_s0) is rejected."""
-    from fxreparam.backends import _region_reference
-    from fxreparam.frozen import runtime_positions
+    from fxreparam.backends import _float64_caller, region
+    from fxreparam.verify import Reference
 
     torch._dynamo.reset()
     seen = []
@@ -104,7 +104,9 @@ def test_weights_dynamo_installs_on_the_graph_are_verified_in_float64_too():
         torch.compile(model, backend=spy)(x)
     gm, inputs = seen[0]
     assert any(n.op == "get_attr" for n in gm.graph.nodes)  # the weights are on the graph
-    reference = _region_reference(gm, inputs, runtime_positions(gm, inputs))
+    prepared = region(gm, inputs)
+    reference = Reference(prepared.caller(gm, range(len(inputs))), tuple(inputs[i] for i in prepared.varying),
+                          original64=_float64_caller(gm, prepared))
     assert reference.outputs64[0][0].dtype == torch.float64
     assert reference.calibrated and not any("float64" in n for n in reference.notes), reference.notes
     options = {"inner": "eager"}  # and the README's recipe: the module frozen for Dynamo too
@@ -306,3 +308,110 @@ def test_backend_compiles_a_real_model_with_inductor():
         assert rel_err(model(x), compiled(x)) < 1e-5
     report = fxreparam.region_reports()[-1]
     assert report.after.batch_norm == 0 and report.after.conv == 43 and "compiled unfolded" not in str(report)
+
+
+def _compiled_counts(model, inputs, **compile_options):
+    """Compile ``model`` with the backend (eager inner), run it on each input; outputs match, and the op counts
+    (convs, batch norms) of each region compiled on the way."""
+    torch._dynamo.reset()
+    start = len(fxreparam.region_reports())
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"}, **compile_options)
+    with torch.no_grad():
+        for x in inputs:
+            assert rel_err(model(x), compiled(x)) < 1e-5
+    return [(r.after.conv, r.after.batch_norm) for r in fxreparam.region_reports()[start:]]
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return randomize_batch_norms(torchvision.models.resnet18(num_classes=10)).eval()
+
+
+@pytest.mark.parametrize("build, channels, convs", [
+    (lambda: randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())).eval(),
+     3, 1),
+    (repvgg_like, 4, 2),
+    (_resnet18, 3, 20),
+])
+def test_dynamic_true_folds_as_a_static_compile_and_is_verified_at_two_sizes(build, channels, convs):
+    """Dynamo lifts a BatchNorm's eps and momentum to inputs and passes symbolic sizes (conv_bn crashed on them)."""
+    model = build()
+    static = _compiled_counts(model, [torch.randn(2, channels, 32, 32)])
+    dynamic = _compiled_counts(model, [torch.randn(2, channels, 32, 32), torch.randn(3, channels, 32, 32)],
+                               dynamic=True)
+    assert static == dynamic == [(convs, 0)]
+    region = fxreparam.region_reports()[-1]
+    assert region.verification.ok and region.verification.shapes == 2
+    assert any("symbolic" in n for n in region.notes) and any("scalars" in n for n in region.notes)
+
+
+def test_a_recompile_after_a_batch_size_change_folds_as_the_first_compile():
+    counts = _compiled_counts(_resnet18(), [torch.randn(1, 3, 32, 32), torch.randn(4, 3, 32, 32)])
+    assert len(counts) == 2 and counts[0] == counts[1] == (20, 0)
+
+
+def test_mark_dynamic_folds_and_a_graph_break_folds_each_region():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = repvgg_like(), repvgg_like()
+
+        def forward(self, x):
+            y = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(y)
+
+    x = torch.randn(3, 4, 8, 8)
+    torch._dynamo.mark_dynamic(x, 0)
+    counts = _compiled_counts(Broken().eval(), [x])
+    assert counts == [(2, 0), (2, 0)]
+
+
+def test_a_lifted_scalar_changed_after_the_compile_runs_the_region_unfolded():
+    """Dynamo does not guard a BatchNorm's eps under dynamic=True: the folded region checks it at every call."""
+    torch._dynamo.reset()
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))).eval()
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"}, dynamic=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        compiled(x)
+        model[1].eps = 0.5
+        assert rel_err(model(x), compiled(x)) < 1e-6
+
+
+def test_the_backend_takes_optimizes_options():
+    model = repvgg_like()
+    assert _compiled_counts(model, [torch.randn(2, 4, 6, 6)]) == [(2, 0)]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager", "skip": ["conv_bn", "branch_sum"],
+                                                                  "tolerance": 1e-3, "verify": True})
+    with torch.no_grad():
+        assert rel_err(model(torch.randn(2, 4, 6, 6)), compiled(torch.randn(2, 4, 6, 6))) < 10  # it runs
+    region = fxreparam.region_reports()[-1]
+    assert "conv_bn" not in region.rewrites and region.after.batch_norm > 0
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no pass named"):
+        torch.compile(model, backend="fxreparam", options={"skip": ["nope"]})(torch.randn(1, 4, 6, 6))
+
+
+def test_a_pass_crash_compiles_the_region_unfolded_with_one_warning_naming_the_remedy():
+    @fxreparam.register_pass("crash_for_test", "a pass that crashes, for this test", after="conv_bn")
+    def crash_for_test(ctx):
+        raise RuntimeError("boom")
+
+    try:
+        torch._dynamo.reset()
+        model = repvgg_like()
+        compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+        x = torch.randn(2, 4, 6, 6)
+        with pytest.warns(UserWarning) as caught, torch.no_grad():
+            y = compiled(x)
+        ours = [str(w.message) for w in caught if "fxreparam" in str(w.message)]
+        assert len(ours) == 1 and "crash_for_test" in ours[0] and "options={'skip': ['crash_for_test']}" in ours[0]
+        with torch.no_grad():
+            assert rel_err(model(x), y) < 1e-6
+        assert "compiled unfolded" in str(fxreparam.region_reports()[-1])
+    finally:
+        fxreparam.unregister_pass("crash_for_test")
+        torch._dynamo.reset()

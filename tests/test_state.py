@@ -52,7 +52,7 @@ def _assert_same_run(original: nn.Module, result: nn.Module, names: tuple[str, .
     inputs = [torch.randn(2, 3, 8, 8) for _ in range(3)]
     for want, got in zip(_calls(original, inputs), _calls(result, inputs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    theirs, ours = dict(original.named_buffers()), dict(result.named_buffers())
+    theirs, ours = dict(original.named_buffers()), dict(getattr(result, "_orig_mod", result).named_buffers())
     for name in names:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
 
@@ -68,3 +68,32 @@ def test_optimize_starts_in_the_models_state_and_advances_it_as_the_model(cls, n
     for name in names:  # the user's model is never run
         torch.testing.assert_close(dict(model.named_buffers())[name], dict(untouched.named_buffers())[name])
     _assert_same_run(untouched, folded, names)
+
+
+@pytest.mark.parametrize("cls, names", [(Counter, ("count",)), (Observer, ("mean",))])
+def test_the_backend_keeps_a_regions_buffer_writes_and_verification_never_advances_them(cls, names):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_batch_norms(cls()).eval()
+    original = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+    _assert_same_run(original, compiled, names)
+    region = fxreparam.region_reports()[-1]
+    assert region.after.batch_norm == 0 and region.verification.ok
+
+
+def test_a_model_in_training_mode_is_compiled_unfolded_and_its_statistics_advance_once_per_call():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).train()
+    original = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a training region is policy, not a failure: no warning
+        torch.testing.assert_close(compiled(x), original(x))
+    for (name, ours), theirs in zip(model.state_dict().items(), original.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, msg=name)
+    assert int(model[1].num_batches_tracked) == 1
+    region = fxreparam.region_reports()[-1]
+    assert region.after.batch_norm == 1 and any("training mode" in n for n in region.notes)
