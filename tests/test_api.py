@@ -109,3 +109,60 @@ def test_without_example_inputs_the_report_says_what_inputs_would_add():
     text = str(fxreparam.report(fxreparam.optimize(Block().eval())))
     assert "no example inputs" in text and "optimize(model, example_inputs) folds more" in text
     assert "verification: skipped" in text
+
+
+@pytest.mark.parametrize("capture", ["auto", "symbolic_trace"])
+def test_a_float64_example_for_a_float32_model_is_a_clear_error_before_any_work(capture, monkeypatch):
+    import fxreparam.api
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured: the dtype was not checked first")
+
+    monkeypatch.setattr(fxreparam.api, "capture_graph", no_capture)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()  # export takes it; the run does not
+    with pytest.raises(fxreparam.CaptureInputError, match=r"torch\.float64.*Remedy.*x\.to\(torch\.float32\)"):
+        fxreparam.optimize(model, torch.randn(2, 4, dtype=torch.float64), capture=capture)
+
+
+def test_an_example_in_another_dtype_the_model_casts_is_accepted():
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = conv_bn()
+
+        def forward(self, x):
+            return self.body(x.float())
+
+    folded = fxreparam.optimize(Casting().eval(), torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert fxreparam.report(folded).after.batch_norm == 0
+
+
+def test_dynamic_shapes_reach_the_capture(monkeypatch):
+    import fxreparam.api
+
+    seen = {}
+    real = fxreparam.api.capture_graph
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("dynamic_shapes", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fxreparam.api, "capture_graph", spy)
+    fxreparam.optimize(conv_bn(), torch.randn(2, 3, 6, 6))
+    assert "dynamic_shapes" not in seen  # not passed where not given
+    shapes = ({0: torch.export.Dim("batch")},)
+    fxreparam.optimize(conv_bn(), torch.randn(2, 3, 6, 6), dynamic_shapes=shapes)
+    assert seen["dynamic_shapes"] is shapes
+
+
+def test_the_registry_does_not_import_the_pipeline():
+    """The pass order lives in the registry; the pipeline imports it (they imported each other)."""
+    import ast
+    import inspect
+
+    import fxreparam.registry
+
+    tree = ast.parse(inspect.getsource(fxreparam.registry))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "pipeline" not in imported and fxreparam.pipeline.ordered is fxreparam.registry.ordered
