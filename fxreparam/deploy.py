@@ -217,11 +217,54 @@ def load(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------------------------- ONNX
 
 
+ONNX_SINGLE_FILE_BYTES = 2**31 * 9 // 10
+"""Weights up to this size go inside the ``.onnx`` file itself; above, next to it in ``<path>.data``: ONNX files are
+protobufs, which cannot exceed 2 GiB (the 10% margin leaves room for the graph)."""
+
+
+def _weight_bytes(program: Any) -> int:
+    """The bytes of every tensor an exported program stores (parameters, buffers, constants)."""
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _written_buffers(program: Any) -> list[str]:
+    """The buffers an exported program's forward writes: recorded as mutations (a functional program), or the
+    target of an in-place op directly or through a view (``copy_``, ``add_``, ``buf[0] = v``)."""
+    signature = program.graph_signature
+    buffers = signature.inputs_to_buffers
+    written = set(signature.buffers_to_mutate.values())
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            continue
+        base = node.args[0] if node.args else None
+        while isinstance(base, fx.Node) and base.op == "call_function" and base.args and any(
+                r.alias_info for r in getattr(getattr(base.target, "_schema", None), "returns", ())):
+            base = base.args[0]  # a view: the write reaches the tensor it views
+        if isinstance(base, fx.Node) and base.name in buffers:
+            written.add(buffers[base.name])
+    return sorted(written)
+
+
+def _refuse_state(program: Any) -> None:
+    """Raise :class:`FxReparamError` naming the buffers the program's forward writes: ONNX holds no state, so an
+    ONNX model would start from the saved values on every call where the module advances them."""
+    written = _written_buffers(program)
+    if written:
+        raise FxReparamError(f"export_onnx: the model writes buffer(s) {', '.join(map(repr, written))} in forward "
+                             "(a counter, an observer, a cache), and an ONNX model cannot carry state: every call "
+                             "would see the values saved at export. Remedy: save with fxreparam.save (a .pt2 "
+                             "program keeps the writes), or remove the write from forward.")
+
+
 def export_onnx(folded: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int | None = None
                 ) -> Path:
     """Write ``folded`` as an ONNX file (the usual road to ``trtexec``) with torch's dynamo exporter.
 
-    The dims the program keeps dynamic (the batch dim at least, where the model allows) are symbolic axes.
+    The dims the folded module keeps dynamic (its capture's: the batch by default, or ``dynamic_shapes``) are
+    symbolic axes. One self-contained file where the weights fit (up to :data:`ONNX_SINGLE_FILE_BYTES`); above
+    that, ONNX's 2 GiB limit puts the weights in a second file, ``<path>.data``, which must stay beside it.
+    A model whose forward writes a buffer is refused (:class:`FxReparamError` naming it): ONNX holds no state.
     """
     try:
         import onnxscript  # noqa: F401
@@ -229,8 +272,11 @@ def export_onnx(folded: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise FxReparamError("export_onnx needs onnx and onnxscript: pip install 'fxreparam[onnx]'") from err
     args = _args(example_inputs)
     program = export_program(folded, args, {})
+    _refuse_state(program)
     kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
-    torch.onnx.export(program, args, str(path), dynamo=True, verbose=False, **kwargs)
+    if "external_data" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["external_data"] = _weight_bytes(program) > ONNX_SINGLE_FILE_BYTES
+    torch.onnx.export(program, program.example_inputs[0], str(path), dynamo=True, verbose=False, **kwargs)
     return Path(path)
 
 

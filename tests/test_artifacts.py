@@ -8,10 +8,12 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.export import Dim
 
 import fxreparam
 from fxreparam import deploy
 from fxreparam.capture import ShapeError
+from fxreparam.finalize import finalize
 from fxreparam.testing import randomize_batch_norms
 
 
@@ -139,3 +141,36 @@ def test_a_folded_old_style_spectral_norm_model_copies_after_calls(ran_once, tmp
     with torch.no_grad():
         expected = model(x)
     round_trips(folded, x, expected, tmp_path)
+
+
+def test_export_onnx_writes_one_file_with_the_captured_dynamic_dims(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime: pip install 'fxreparam[onnx]'")
+    model, x = pooled(), torch.randn(2, 3, 6, 6)
+    captured = fxreparam.capture(model, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+    path = fxreparam.export_onnx(finalize(captured.gm), x, tmp_path / "folded.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx"]  # weights inside: no .onnx.data
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.randn(3, 3, 9, 7)
+    (out,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+    with torch.no_grad():
+        assert close(torch.from_numpy(out), model(y))
+
+
+def test_export_onnx_refuses_a_model_that_writes_a_buffer_naming_it(tmp_path):
+    pytest.importorskip("onnxscript", reason="the ONNX path needs onnxscript: pip install 'fxreparam[onnx]'")
+
+    class Observer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.register_buffer("peak", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            self.peak.copy_(torch.maximum(self.peak, y.abs().amax()))
+            return y / (self.peak + 1)
+
+    x = torch.randn(2, 3, 4, 4)
+    folded = fxreparam.optimize(Observer().eval(), x, verify=False)
+    with pytest.raises(fxreparam.FxReparamError, match=r"buffer.*peak.*cannot carry state"):
+        fxreparam.export_onnx(folded, x, tmp_path / "folded.onnx")
