@@ -20,8 +20,9 @@ from .meta import Storage, module_path
 from .mutation import eliminate_dead_code, erase_dead
 from .spec import ConvSpec, Spec
 
-__all__ = ["build_module", "call_module", "eliminate_dead_code", "emit", "erase_dead", "inline_layers", "insert_layer",
-           "live_nodes", "position", "replace"]
+__all__ = ["PROVISIONAL", "LayerParts", "Provisional", "build_module", "call_module", "eliminate_dead_code", "emit",
+           "erase_dead", "inline_layers", "insert_layer", "live_nodes", "mark_provisional", "position", "provisional",
+           "replace"]
 
 _CONV_CLASSES = {
     (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -175,3 +176,44 @@ def inline_layers(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerParts:
+    """What :func:`insert_layer` needs to emit a layer again: its spec, kernel, storage, path and the metadata of
+    the value it computes."""
+
+    spec: Spec
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    storage: Storage
+    name: str
+    meta: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Provisional:
+    """A layer composed from two (``first`` then ``second``, reading ``input``) only in the expectation that a
+    later fold absorbs it: if it is still standing at the fixpoint, it costs more than the two and is restored."""
+
+    target: str
+    input: fx.Node
+    first: LayerParts
+    second: LayerParts
+
+
+PROVISIONAL = "fxreparam_provisional"
+
+
+def mark_provisional(node: fx.Node, record: Provisional) -> None:
+    """Record on ``node`` that it is a provisional composition (read back by :func:`provisional`)."""
+    node.meta[PROVISIONAL] = record
+
+
+def provisional(node: fx.Node) -> Provisional | None:
+    """The provisional composition ``node`` still is, or None: a node that a later fold rewrote (it calls another
+    kernel or reads another input, though it may have copied the metadata) is no longer the one recorded."""
+    record = node.meta.get(PROVISIONAL)
+    if record is None or node.op != "call_module" or node.target != record.target or node.args != (record.input,):
+        return None
+    return record

@@ -12,6 +12,7 @@ from . import (
     inference_identities,
     noop_casts,
     pool_as_conv,
+    provisional,
     prune_zero_channels,
     sequential,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "inference_identities",
     "noop_casts",
     "pool_as_conv",
+    "provisional",
     "prune_zero_channels",
     "sequential",
 ]

@@ -7,7 +7,8 @@
 - an exact average pool counts as a depthwise kxk (DBB's 1x1-avg branch); Linear then Linear.
 The pair composes per group (a grouped 1x1 then a kxk with the same groups stays grouped). It
 folds where the result costs no more than the two layers, or where a larger conv of the same
-input in the same sum will absorb it (``branch_sum`` then merges it into a conv that is there anyway).
+input in the same sum will absorb it (``branch_sum`` then merges it into a conv that is there anyway). That
+composition is provisional: if the sum does not fold after all, ``settle_provisional`` restores the pair.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch
 from torch import fx
 
 from fxreparam import algebra, branches, cost, ops
-from fxreparam.graph import emit
+from fxreparam.graph import LayerParts, Provisional, emit, mark_provisional
 from fxreparam.meta import concrete_shape
 from fxreparam.padding import padded_by_value
 from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
 from fxreparam.spec import ConvSpec, Layer
+
+SPECULATION_UNDONE = "fxreparam_speculation_undone"
+"""Set on a layer restored from a composition no sum absorbed: it is not composed in that expectation again."""
 
 
 def _conv_like(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
@@ -97,15 +101,29 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, _positions(inner)),
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
                             _planned_cost(shape, has_bias, _positions(outer)))
-    if why is not None and not _absorbed(gm, outer.node, inner.input, tuple(shape[2:]), spec):
+    restorable = border is None and ops.conv(gm, inner.node) is not None and ops.conv(gm, outer.node) is not None
+    if why is not None and not (_absorbed(gm, outer.node, inner.input, tuple(shape[2:]), spec)
+                                and not (restorable and outer.node.meta.get(SPECULATION_UNDONE))):
         if ops.conv(gm, outer.node) is None:
             return False  # a conv then a plain pooling: no structure to fold, nothing to report
         raise Costlier(f"{where}: not composed: {why}", outer.node)
+    record = _provisional(inner, outer) if why is not None and restorable else None
     weight, _ = algebra.compose(outer.weight, outer.groups, inner.weight, inner.groups)
     bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
-    emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage, name=outer.name,
-         at=inner.node)
+    new = emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
+               name=outer.name, at=inner.node)
+    if record is not None:  # costlier than the pair: it pays only if the sum absorbs it (else settle_provisional)
+        mark_provisional(new, replace(record, target=str(new.target)))
     return True
+
+
+def _parts(layer: Layer) -> LayerParts:
+    return LayerParts(layer.spec, layer.weight, layer.bias, layer.storage, layer.name, dict(layer.node.meta))
+
+
+def _provisional(inner: Layer, outer: Layer) -> Provisional:
+    """The record that restores ``inner`` then ``outer`` if their composition is not absorbed (target set on emit)."""
+    return Provisional("", inner.input, _parts(inner), _parts(outer))
 
 
 def _planned_cost(shape: tuple[int, ...], has_bias: bool, positions: int) -> cost.Cost:

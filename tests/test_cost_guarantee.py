@@ -33,3 +33,41 @@ def test_zero_bias_is_not_stored():
     assert rep.after.mul_div == 0
     assert all(getattr(m, "bias", None) is None for m in folded.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     assert rep.after.parameters == 6 * 8 + 4 * 3 * 3 * 3
+
+
+class _UnmergedLowRankSum(nn.Module):
+    """A base conv plus a low-rank 1x1 -> 3x3 pair (LoRA on a conv) in a sum that cannot fold: the base's output
+    is also read alone. Composing the pair into a dense 3x3 pays only if the sum absorbs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Conv2d(32, 32, 3, padding=1)
+        self.down = nn.Conv2d(32, 2, 1, bias=False)
+        self.up = nn.Conv2d(2, 32, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        b = self.base(x)
+        return b + self.up(self.down(x)), b.mean()
+
+
+def test_composition_made_for_a_sum_that_does_not_fold_is_undone():
+    model, x = _UnmergedLowRankSum().eval(), torch.randn(1, 32, 8, 8)
+    folded, rep = _folded_and_report(model, x)
+    assert rep.after.parameters <= rep.before.parameters and rep.after.macs <= rep.before.macs
+    assert rep.rewrites["settle_provisional"] == 1
+    assert any(r.declined and "not composed" in r.reason for r in rep.refusals)
+    out, want = folded(x), model(x)
+    torch.testing.assert_close(out, want)
+
+
+class _MergedLowRankSum(_UnmergedLowRankSum):
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_composition_a_sum_absorbs_still_folds():
+    model, x = _MergedLowRankSum().eval(), torch.randn(1, 32, 8, 8)
+    folded, rep = _folded_and_report(model, x)
+    assert (rep.after.conv, rep.after.add_sub) == (1, 0)
+    assert rep.after.parameters == 32 * 32 * 9 + 32
+    torch.testing.assert_close(folded(x), model(x))
