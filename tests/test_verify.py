@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fxreparam
-import fxreparam.api
+import fxreparam.core
 from fxreparam.finalize import finalize
 from fxreparam.testing import randomize_batch_norms
 
@@ -89,7 +89,7 @@ def test_optimize_refuses_a_fold_with_one_wrong_small_channel(monkeypatch):
         model.bn.running_mean.copy_(torch.tensor([0.2, -0.1]))
         model.bn.running_var.copy_(torch.tensor([0.7, 1.3]))
     x = torch.randn(2, 3, 6, 6)
-    monkeypatch.setattr(fxreparam.api, "finalize", corrupting_finalize(1.38, channel=0))
+    monkeypatch.setattr(fxreparam.core, "finalize", corrupting_finalize(1.38, channel=0))
     with pytest.raises(fxreparam.VerificationError) as info:
         fxreparam.optimize(model, x)
     assert info.value.pass_name == "finalize" and info.value.error > info.value.tolerance
@@ -140,7 +140,7 @@ def test_unit_a_zero_size_example_is_never_ok_on_zero_elements():
 
 def test_optimize_catches_a_wrong_result_although_the_example_is_empty(monkeypatch):
     model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))).eval()
-    monkeypatch.setattr(fxreparam.api, "finalize", corrupting_finalize(2.0))
+    monkeypatch.setattr(fxreparam.core, "finalize", corrupting_finalize(2.0))
     with pytest.raises(fxreparam.VerificationError):
         fxreparam.optimize(model, torch.randn(0, 3, 6, 6))
 
