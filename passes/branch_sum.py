@@ -130,6 +130,66 @@ def _build_sum(graph: fx.Graph, parts: list[tuple[Any, float]], before: fx.Node)
     return acc
 
 
+_Merged = tuple[fx.Node, list[int]]  # the new layer's node and the indices of the terms it replaces
+_Notes = list[tuple[str, bool]]  # why parts of a sum stay, each with whether it is a decline for cost
+
+
+def _merge_branches(ctx: PassContext, root: fx.Node, source: fx.Node, members: list[tuple[int, Branch, bool]],
+                    notes: _Notes) -> _Merged | None:
+    """One conv for the branches of ``source`` that align (REPARAM §3) and cost no more, placed at their first
+    read of it; why the rest stay goes to ``notes``."""
+    if why_reads_differ(source):
+        return notes.append((why_reads_differ(source), False))
+    given = {i: b for i, b, _ in members}  # costs are the branches' own, before any widening
+    widened = _broadcast_branches(members)
+    if isinstance(widened, str):
+        return notes.append((widened, False))
+    merged, refused = merge([b for _, b, _ in widened])
+    notes += [(f"{b.label} not merged: {why}", False) for b, why in refused]
+    if merged is None:
+        return None
+    kept = {id(b) for b, _ in refused}
+    taken = [i for i, b, _ in widened if id(b) not in kept]
+    why = cost.why_costlier([given[i].cost() for i in taken], merged.cost())
+    if why is not None:
+        return notes.append((f"merging {merged.label}: {why}", True))
+    if min(merged.spec.padding) < 0:
+        return notes.append((f"merging {merged.label}: the merged conv would need padding {merged.spec.padding} "
+                             "(its branches crop more than the largest pads)", False))
+    first_read = min(source.users, key=position)
+    before = first_read if position(first_read) < position(root) else root
+    return insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
+                        storage=merged.storage, name=merged.name, like=root), taken
+
+
+def _merge_linears(ctx: PassContext, root: fx.Node, source: fx.Node, members: list[tuple[int, Layer, float]],
+                   notes: _Notes) -> _Merged | None:
+    """One linear layer for the summed linear layers of ``source``, placed at the first of them."""
+    width = _broadcast_width([layer.out_channels for _, layer, _ in members])
+    why = why_reads_differ(source) or (None if width else "their output widths do not broadcast")
+    if why is not None:
+        return notes.append((f"linear layers of {source.name} not merged: {why}", False))
+    weight, bias = _sum_linears(members, width)
+    first = min((layer.node for _, layer, _ in members), key=position)
+    name = common_path([layer.name for _, layer, _ in members]) or members[0][1].name
+    return insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,
+                        storage=members[0][1].storage, name=name, like=root), [i for i, _, _ in members]
+
+
+def _worth_merging(members: list[tuple[int, Branch, bool]], with_identity: bool) -> bool:
+    """Whether a group of branches is this pass's to merge: two or more, a conv among them (``bn(x) + bn(x)`` and
+    ``x + x`` are cheaper elementwise), and with ``with_identity`` an identity term."""
+    return (len(members) >= 2 and any(b.from_conv for _, b, _ in members)
+            and (not with_identity or any(ident for _, _, ident in members)))
+
+
+def _report(ctx: PassContext, root: fx.Node, notes: _Notes) -> None:
+    """All of a sum's reasons as one refusal (the report keeps one per node): a decline only if every one is."""
+    if notes:
+        ctx.refuse(root, f"{ctx.label(root, 'sum')}: " + "; ".join(why for why, _ in notes),
+                   costlier=all(costlier for _, costlier in notes))
+
+
 def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
     """Merge the aligned branches of the sum at ``root`` into convs; with ``with_identity`` only groups that hold
     a bare-tensor (identity) term. Refusals are recorded in ``ctx``; returns whether anything merged."""
@@ -137,62 +197,19 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
     if len(terms) < 2:
         return False
     groups, blocked = _read_terms(ctx.gm, terms, with_identity)
-    where = ctx.label(root, "sum")
-    merged_terms: set[int] = set()
-    new_parts: list[tuple[Any, float]] = []
     read = set(groups) | {t for t, _ in terms if isinstance(t, fx.Node)}  # what other terms read or are
-    for reason in (r for source in read for r in blocked.get(source, [])):
-        ctx.refuse(root, f"{where}: {reason}")
-    for source, members in groups.items():
-        if len(members) < 2 or (with_identity and not any(ident for _, _, ident in members)):
-            continue
-        if not any(b.from_conv for _, b, _ in members):
-            continue  # bn(x) + bn(x), x + x: elementwise ops are cheaper than the conv they would become
-        if why_reads_differ(source):
-            ctx.refuse(root, f"{where}: {why_reads_differ(source)}")
-            continue
-        given = {i: b for i, b, _ in members}  # costs are the branches' own, before any widening
-        members = _broadcast_branches(members)
-        if isinstance(members, str):
-            ctx.refuse(root, f"{where}: {members}")
-            continue
-        merged, refused = merge([b for _, b, _ in members])
-        for b, why in refused:
-            ctx.refuse(root, f"{where}: {b.label} not merged: {why}")
-        if merged is None:
-            continue
-        kept = {id(b) for b, _ in refused}
-        taken = [(i, b) for i, b, _ in members if id(b) not in kept]
-        why = cost.why_costlier([given[i].cost() for i, _ in taken], merged.cost())
-        if why is not None:
-            ctx.refuse(root, f"{where}: merging {merged.label}: {why}", costlier=True)
-            continue
-        if min(merged.spec.padding) < 0:
-            ctx.refuse(root, f"{where}: merging {merged.label}: the merged conv would need padding "
-                             f"{merged.spec.padding} (its branches crop more than the largest pads)")
-            continue
-        merged_terms.update(i for i, _ in taken)
-        first_read = min(source.users, key=position)  # where the branches first read it
-        before = first_read if position(first_read) < position(root) else root
-        new_parts.append((insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
-                                       storage=merged.storage, name=merged.name, like=root), 1.0))
-    for source, members in ([] if with_identity else _linear_terms(ctx.gm, terms).items()):
-        if len(members) < 2:
-            continue
-        width = _broadcast_width([layer.out_channels for _, layer, _ in members])
-        why = why_reads_differ(source) or (None if width else "their output widths do not broadcast")
-        if why is not None:
-            ctx.refuse(root, f"{where}: linear layers of {source.name} not merged: {why}")
-            continue
-        weight, bias = _sum_linears(members, width)
-        first = min((layer.node for _, layer, _ in members), key=position)
-        name = common_path([layer.name for _, layer, _ in members]) or members[0][1].name
-        new_parts.append((insert_layer(ctx.gm, members[0][1].spec, weight, bias, input=source, before=first,
-                                       storage=members[0][1].storage, name=name, like=root), 1.0))
-        merged_terms.update(i for i, _, _ in members)
-    if not new_parts:
+    notes: _Notes = [(reason, False) for source in read for reason in blocked.get(source, [])]
+    merged = [_merge_branches(ctx, root, source, members, notes) for source, members in groups.items()
+              if _worth_merging(members, with_identity)]
+    if not with_identity:
+        merged += [_merge_linears(ctx, root, source, members, notes)
+                   for source, members in _linear_terms(ctx.gm, terms).items() if len(members) >= 2]
+    _report(ctx, root, notes)
+    merged = [m for m in merged if m is not None]
+    if not merged:
         return False
-    parts = new_parts + [t for i, t in enumerate(terms) if i not in merged_terms]
+    replaced = {i for _, indices in merged for i in indices}
+    parts = [(node, 1.0) for node, _ in merged] + [t for i, t in enumerate(terms) if i not in replaced]
     replace_node(root, _build_sum(ctx.graph, parts, root))
     return True
 

@@ -260,3 +260,23 @@ def test_a_residual_around_a_crop_then_pad_is_refused():
     """``x + conv_p2(crop_1(x))`` was folded into one conv with padding 1 on ``x``."""
     error, reasons = _folded_error(ResidualOfCrop().eval(), torch.randn(2, 4, 8, 8))
     assert error < 1e-5 and "no padding of" in reasons
+
+
+class CropRefusedBesideADecline(nn.Module):
+    """A crop-then-pad branch beside a 1x3 and a 3x1 whose merge alone would grow the kernel (declined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.hor, self.ver = nn.Conv2d(4, 4, (1, 3)), nn.Conv2d(4, 4, (3, 1))
+
+    def forward(self, x):
+        return self.a(_crop(x, 2)) + self.hor(x[:, :, 1:-1, :]) + self.ver(x[:, :, :, 1:-1])
+
+
+def test_a_sum_reports_every_reason_and_is_refused_where_one_is_exactness():
+    """The report keeps one refusal per node: a cost decline at the same sum hid the crop's refusal."""
+    model = CropRefusedBesideADecline().eval()
+    folded = fxreparam.optimize(model, torch.randn(2, 4, 8, 8), passes=["branch_sum"], verify=False)
+    (refusal,) = fxreparam.report(folded).refusals
+    assert "no padding of" in refusal.reason and "weights" in refusal.reason and refusal.kind == "refused"
