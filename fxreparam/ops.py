@@ -12,6 +12,7 @@ place (see :mod:`fxreparam.mutation`) is never recognized.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "inference_identity",
     "last_axis_reshape",
     "linear",
+    "mode_pad",
     "op_kind",
     "opaque",
     "reads_as_kernel",
@@ -160,7 +162,7 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
                 return None
         spec = ConvSpec(_tuple(mod.stride, dims), _tuple(padding, dims), _tuple(mod.dilation, dims), mod.groups,
                         transposed, _tuple(mod.output_padding, dims) if transposed else (), mod.padding_mode)
-        return Layer(node, node.args[0], spec, mod.weight, mod.bias, module_path(node))
+        return _through_mode_pad(Layer(node, node.args[0], spec, mod.weight, mod.bias, module_path(node)))
     if node.op != "call_function" or node.target not in _CONV_TARGETS:
         return None
     names, defaults, transposed = _CONV_TARGETS[node.target]
@@ -181,7 +183,27 @@ def conv(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
             return None
     out_pad = _tuple(a.get("output_padding", 0), dims) if transposed else ()
     spec = ConvSpec(_tuple(a["stride"], dims), _tuple(padding, dims), dilation, int(a["groups"]), transposed, out_pad)
-    return Layer(node, a["input"], spec, weight, bias, module_path(node))
+    return _through_mode_pad(Layer(node, a["input"], spec, weight, bias, module_path(node)))
+
+
+def _through_mode_pad(layer: Layer) -> Layer:
+    """``layer`` read as ``nn.ConvNd(padding_mode=...)`` where its input is a reflect, replicate or circular pad
+    that pads its spatial dims symmetrically and that nothing else reads: ``torch.export`` splits such a conv
+    into that pad and a conv with padding 0, and this reads them back as the one module (the same function)."""
+    spec, pad = layer.spec, layer.input
+    if not isinstance(spec, ConvSpec) or spec.transposed or any(spec.padding) or spec.padding_mode != "zeros":
+        return layer
+    found = mode_pad(pad)
+    if found is None or len(pad.users) != 1 or opaque(pad) or opaque(found[0]):
+        return layer
+    source, pads, mode = found
+    if len(pads) % 2 or len(pads) > 2 * spec.dims or any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
+        return layer
+    padding = (0,) * (spec.dims - len(pads) // 2) + tuple(reversed(pads[::2]))
+    if not any(padding) or min(padding) < 0:
+        return layer
+    return dataclasses.replace(layer, input=source, spec=dataclasses.replace(spec, padding=padding,
+                                                                             padding_mode=mode))
 
 
 _LINEAR_TARGETS = {F.linear, *_overloads("linear", "default")}
@@ -600,6 +622,33 @@ def constant_pad(node: fx.Node) -> Pad | None:
     if a["mode"] != "constant" or not isinstance(a["input"], fx.Node) or isinstance(a["value"], fx.Node):
         return None
     return Pad(node, a["input"], tuple(int(p) for p in a["pad"]), float(a["value"] or 0.0))
+
+
+_PADDING_MODES = frozenset({"reflect", "replicate", "circular"})  # F.pad and nn.ConvNd spell them alike
+_MODE_PAD_TARGETS: dict[Any, str] = {}
+for _mode, _aten in (("reflect", "reflection_pad"), ("replicate", "replication_pad")):
+    for _dims in (1, 2, 3):
+        _MODE_PAD_TARGETS.update(dict.fromkeys(_overloads(f"{_aten}{_dims}d", "default"), _mode))
+_MODE_PAD_TARGETS.update(dict.fromkeys(_overloads("_pad_circular", "default"), "circular"))
+
+
+def mode_pad(node: fx.Node) -> tuple[fx.Node, tuple[int, ...], str] | None:
+    """``(input, pads, padding_mode)`` of a reflect, replicate or circular padding (``F.pad`` order, last dim
+    first; the mode as ``nn.ConvNd`` spells it), in any capture form; else ``None``."""
+    if node.op != "call_function" or opaque(node):
+        return None
+    if node.target in _MODE_PAD_TARGETS:
+        source, pads, mode = node.args[0], node.args[1] if len(node.args) > 1 else None, _MODE_PAD_TARGETS[node.target]
+    elif node.target in _PAD_TARGETS and "mode" in _PAD_TARGETS[node.target]:
+        a = _bind(node, _PAD_TARGETS[node.target], {"mode": "constant", "value": None})
+        source, pads, mode = a["input"], a["pad"], a["mode"] if a["mode"] in _PADDING_MODES else None
+    else:
+        return None
+    if mode is None or not isinstance(source, fx.Node) or not isinstance(pads, (list, tuple)):
+        return None
+    if not all(isinstance(p, int) for p in pads):
+        return None
+    return source, tuple(pads), mode
 
 
 # ----------------------------------------------------------------------------- channel-wise maps that keep zero
