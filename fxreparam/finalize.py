@@ -20,7 +20,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import ops
 from .graph import build_module, call_module, eliminate_dead_code, replace
-from .meta import fetch_attr, module_path, rank
+from .meta import channels_last, fetch_attr, module_path, rank
+from .mutation import WRITTEN, mark_written
 
 __all__ = ["finalize"]
 
@@ -131,18 +132,53 @@ def _forget_tracer(graph: fx.Graph) -> None:
     graph._tracer_extras = {}
 
 
+def _layout_like(mod: nn.Module, node: fx.Node) -> None:
+    """Store a layer's weight in the layout its captured output had: channels-last where capture recorded that, else
+    plain row-major strides. A folded kernel (a product, a transpose) can come out with other strides, and the
+    layer's output follows its weight's: a later ``view`` of it then fails."""
+    weight = getattr(mod, "weight", None)
+    if not isinstance(weight, nn.Parameter) or not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+        return
+    layout = torch.contiguous_format
+    if channels_last(node) and weight.dim() in (4, 5):
+        layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    wanted = weight.detach().clone(memory_format=layout)
+    if wanted.stride() != weight.stride():
+        mod.weight = nn.Parameter(wanted, requires_grad=weight.requires_grad)
+
+
+def _view_to_reshape(graph: fx.Graph, written: set[fx.Node]) -> None:
+    """Every ``view`` whose value nothing writes in place (directly or through an alias) becomes a ``reshape``: the
+    same values, and it also takes a tensor a fold gave other strides. A written view stays a view: the write must
+    reach the tensor it views."""
+    for node in graph.nodes:
+        if node in written or not node.args or any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            continue
+        if node.op == "call_method" and node.target == "view":
+            node.target = "reshape"
+        elif node.op == "call_function" and node.target in _VIEWS:
+            node.target = _VIEWS[node.target]
+
+
+_VIEWS = {aten.view.default: aten.reshape.default, torch.Tensor.view: torch.reshape}
+
+
 def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphModule:
     """A new ``GraphModule`` over ``gm``'s graph with plain layers at the model's paths and nothing unused."""
     graph = gm.graph
+    mark_written(gm)  # flags each value written in place through any alias; before the layers are renamed
+    written = {node for node in graph.nodes if node.meta.get(WRITTEN)}
     tree = _Tree()
     for node in list(graph.nodes):
         if node.op == "call_module":
             node.target = tree.place(module_path(node), _plain(fetch_attr(gm, node.target)))
+            _layout_like(fetch_attr(tree.root, node.target), node)
             continue
         mod = _layer_module(gm, node)
         if mod is not None:
             spec = ops.weighted(gm, node) or ops.batch_norm(gm, node)
             path = module_path(node)
+            _layout_like(mod, node)
             with graph.inserting_after(node):
                 new = call_module(graph, tree.place(path, mod), spec.input, path)
             new.meta.update(node.meta)
@@ -158,6 +194,7 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
                 name = str(node.target).replace(".", "_")
                 setattr(tree.root, name, value)
                 node.target = name
+    _view_to_reshape(graph, written)
     _forget_tracer(graph)
     out = fx.GraphModule(tree.root, graph, class_name=class_name)
     eliminate_dead_code(out.graph)

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 __all__ = [
     "Storage",
+    "channels_last",
     "clean_path",
     "concrete_shape",
     "fetch_attr",
@@ -65,6 +66,30 @@ def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
             return None
         out.append(int(hint))
     return tuple(out)
+
+
+def _hinted(sizes: Any) -> tuple[int, ...] | None:
+    """Sizes or strides with symbolic entries replaced by their example values (None where one has none)."""
+    out = []
+    for d in sizes:
+        hint = d.node.hint if isinstance(d, torch.SymInt) else d
+        if not isinstance(hint, int):
+            return None
+        out.append(int(hint))
+    return tuple(out)
+
+
+def channels_last(node: fx.Node) -> bool | None:
+    """Whether capture recorded a node's 4-d or 5-d value in channels-last layout (None: not recorded); a fold must
+    give its result the same layout, since a later ``view`` of it was captured against those strides."""
+    meta = _meta_tensor(node)
+    if isinstance(meta, torch.Tensor):
+        shape, stride = _hinted(meta.shape), _hinted(meta.stride())
+    else:
+        shape, stride = getattr(meta, "shape", None), getattr(meta, "stride", None)
+    if shape is None or stride is None or len(shape) not in (4, 5):
+        return None
+    return shape[1] > 1 and shape[-1] > 1 and stride[1] == 1 and stride[-1] == shape[1]  # N, H, W, C in memory
 
 
 def storage(node: fx.Node) -> Storage | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import fxreparam
 from fxreparam.capture import capture
@@ -58,3 +58,41 @@ def test_symbolic_trace_does_not_advance_the_model_it_traces():
     model = Counter("add_").eval()
     capture(model, None)
     assert float(model.count) == 0.0
+
+
+class ViewAfterFold(nn.Module):
+    """BN, two 1x1 Conv1d (composed into one kernel), an average pool, then an in-place write through a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.pool = nn.BatchNorm1d(4), nn.AvgPool1d(2)
+        self.first, self.second = nn.Conv1d(4, 6, 1), nn.Conv1d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.second(self.first(self.bn(x))))
+        y.view(-1).mul_(0.5)
+        return y
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace", None])
+def test_a_view_of_a_folded_value_still_works(method):
+    model, x = ViewAfterFold().eval(), torch.randn(2, 4, 8)
+    inputs = {"example_inputs": x, "capture": method} if method else {}
+    folded = fxreparam.optimize(model, verify=False, **inputs)
+    assert sum(isinstance(m, nn.Conv1d) for m in folded.modules()) == 1  # the two convs and the BN did fold
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_finalize_makes_unwritten_views_reshapes_and_keeps_written_ones():
+    from fxreparam.finalize import finalize
+
+    class Views(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            read = (x + 1).view(-1)
+            written = x * 2
+            written.view(-1).add_(1)
+            return read, written
+
+    methods = [n.target for n in finalize(fx.symbolic_trace(Views())).graph.nodes if n.op == "call_method"]
+    assert methods.count("reshape") == 1 and methods.count("view") == 1
