@@ -20,9 +20,9 @@ from .meta import Storage, module_path
 from .mutation import eliminate_dead_code, erase_dead
 from .spec import ConvSpec, Spec
 
-__all__ = ["PROVISIONAL", "LayerParts", "Provisional", "build_module", "call_module", "eliminate_dead_code", "emit",
-           "erase_dead", "inline_layers", "insert_layer", "live_nodes", "mark_provisional", "position", "provisional",
-           "replace"]
+__all__ = ["PROVISIONAL", "LayerParts", "Provisional", "SharedLayers", "build_module", "call_module",
+           "eliminate_dead_code", "emit", "erase_dead", "inline_layers", "insert_layer", "live_nodes",
+           "mark_provisional", "position", "provisional", "replace"]
 
 _CONV_CLASSES = {
     (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -31,9 +31,26 @@ _CONV_CLASSES = {
 FOLDED_PREFIX = "_fxreparam_"
 
 
-def build_module(spec: Spec, weight: torch.Tensor, bias: torch.Tensor | None, storage: Storage) -> nn.Module:
+SharedLayers = dict[tuple, tuple[nn.Module, tuple[torch.Tensor, ...]]]
+"""Layers built so far from given tensors (by identity), so a layer read at several places is built once."""
+
+
+def build_module(spec: Spec, weight: torch.Tensor, bias: torch.Tensor | None, storage: Storage, *,
+                 shared: SharedLayers | None = None) -> nn.Module:
     """A plain ``nn.ConvNd``/``nn.ConvTransposeNd``/``nn.Linear`` holding ``weight`` and ``bias`` (no init work);
-    an all-zero bias is not stored (adding zero is the identity, storing it a cost)."""
+    an all-zero bias is not stored (adding zero is the identity, storing it a cost). With ``shared``, the same
+    tensors with the same spec give the same module: a weight read at k places stays one stored tensor."""
+    key = (spec, id(weight), id(bias), storage)
+    if shared is not None and key in shared:
+        return shared[key][0]
+    mod = _new_module(spec, weight, bias, storage)
+    if shared is not None:
+        shared[key] = (mod, (weight, *([bias] if bias is not None else [])))  # keeps the ids alive
+    return mod
+
+
+def _new_module(spec: Spec, weight: torch.Tensor, bias: torch.Tensor | None, storage: Storage) -> nn.Module:
+    """The module :func:`build_module` returns, built afresh."""
     dtype, device = storage
     bias = None if bias is not None and not bool(bias.any()) else bias
     kw: dict[str, Any] = {"bias": bias is not None, "device": device, "dtype": dtype}
