@@ -1,0 +1,153 @@
+"""Capture: turn a model into an ``fx.GraphModule`` whose weights are stored constants.
+
+With example inputs the primary path is ``torch.export`` (non-strict), which sees through
+Python control flow on shapes, parametrizations and hooks; the graph is then functionalized
+(``run_decompositions({})``: in-place writes become ``slice_scatter``/``copy`` data flow) and keeps
+export's input guards. Every input dim the model does not pin stays dynamic, the batch dim
+included where the example has batch size 1. Without example inputs, or where export fails,
+``torch.fx.symbolic_trace`` is tried. If neither works, a :class:`CaptureError` says why and what to do.
+
+The package: :mod:`.export` (torch.export and artifact re-export), :mod:`.functional` (functionalization),
+:mod:`.guard` (the input guard), :mod:`.trace` (symbolic_trace), :mod:`.diagnose` (errors in words).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError, CaptureInputError, ShapeError
+from .diagnose import _check_inputs, _classify, _input_mismatch, _runs
+from .export import DYNAMIC_DIMS, _export_as_asked, _export_checked, export_program
+from .functional import _to_graph
+from .guard import GUARD, ExportGuard, InputGuard, InputSpec, _check_covers, guarded_module, input_spec
+from .trace import OPAQUE, copy_model, opaque_reason, symbolic_trace
+
+__all__ = [
+    "DYNAMIC_DIMS",
+    "GUARD",
+    "METHODS",
+    "OPAQUE",
+    "CaptureError",
+    "CaptureInputError",
+    "Captured",
+    "ExportGuard",
+    "InputGuard",
+    "InputSpec",
+    "ShapeError",
+    "capture",
+    "copy_model",
+    "export_program",
+    "guarded_module",
+    "input_spec",
+    "opaque_reason",
+    "symbolic_trace",
+]
+
+METHODS = ("auto", "export", "symbolic_trace")
+
+
+@dataclass
+class Captured:
+    """A captured graph, how it was captured, how long that took, and which input shapes it covers.
+
+    ``example_shapes``, ``dynamic_dims`` and ``input_names`` run over the flattened example inputs
+    (``pytree.tree_leaves((args, kwargs))``): the example's shape (``None`` for a non-tensor), the dims
+    left dynamic with the ``(min, max)`` sizes export recorded (``max`` ``None``: unbounded), and a name.
+    """
+
+    gm: fx.GraphModule
+    method: str
+    seconds: float
+    example_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+    dynamic_dims: list[dict[int, tuple[int, int | None]]] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    doubled: bool = False  # a batch-1 example captured as a batch of two copies (see ``_export_checked``)
+
+    @property
+    def method_key(self) -> str:
+        """The ``capture=`` value that reproduces this capture."""
+        return "export" if self.method.startswith("torch.export") else "symbolic_trace"
+
+    def check_inputs(self, args: tuple, kwargs: dict | None = None) -> None:
+        """Raise :class:`ShapeError` where the captured graph's guards reject these inputs (runs no model code)."""
+        _check_covers(self.gm, args, kwargs)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True,
+            dynamic_shapes: Any = None) -> Captured:
+    """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows
+    (``dynamic_shapes``: exactly those, as torch.export takes them)."""
+    start = time.perf_counter()
+    notes: list[str] = []
+    if dynamic_shapes is not None:
+        exported = _export_as_asked(model, args, kwargs, dynamic_shapes)
+    else:
+        exported = _export_checked(model, args, kwargs, notes, double, check)
+    gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
+    return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
+                    exported.doubled)
+
+
+def capture(model: nn.Module, args: tuple | None, kwargs: dict | None = None, method: str = "auto", *,
+            double: bool = True, check: bool = True, dynamic_shapes: Any = None) -> Captured:
+    """Capture ``model`` (already in eval mode) as a graph; ``args=None`` means no example inputs.
+
+    ``method``: ``"auto"`` (export where there are example inputs, else or on failure
+    symbolic_trace), ``"export"`` or ``"symbolic_trace"`` alone. symbolic_trace is much
+    faster on very deep models, export sees through more Python. A batch-1 example is captured as a batch of
+    two copies (the batch stays dynamic) where the graph computes the model's outputs on the example itself;
+    ``check=False`` leaves that comparison (a run of each) to a caller that verifies anyway, ``double=False``
+    captures the example as given (its batch dim then static). ``dynamic_shapes`` (as ``torch.export.export``
+    takes it: per input ``{dim: Dim(...) or Dim.AUTO}``, by argument name or in order) captures with exactly
+    those dims dynamic, as export does (no batch-of-two example); export must take it then.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown capture method {method!r}; choose one of {METHODS}")
+    if method == "export" and args is None:
+        raise CaptureError("capture='export' needs example inputs")
+    if dynamic_shapes is not None and (args is None or method == "symbolic_trace"):
+        raise CaptureError("dynamic_shapes needs torch.export: pass example inputs and capture='auto' or 'export' "
+                           "(a symbolic_trace graph records no shapes to keep dynamic)")
+    kwargs = kwargs or {}
+    _check_inputs(model, args or (), kwargs)
+    failures: list[str] = []
+    if args is not None and method in ("auto", "export"):
+        try:
+            return _export(model, args, kwargs, double, check, dynamic_shapes)
+        except CaptureError:
+            raise
+        except Exception as err:
+            failed = _runs(model, args, kwargs)
+            if failed is not None:
+                raise _input_mismatch(model, args, kwargs, failed) from err
+            failures.append(_classify("torch.export", err))
+    start = time.perf_counter()
+    try:
+        if method == "export":
+            raise CaptureError("symbolic_trace not tried (capture='export')")
+        gm = symbolic_trace(model)
+        shapes: list[tuple[int, ...] | None] = []
+        if args is not None:
+            leaves = pytree.tree_leaves((args, kwargs))
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
+            if not kwargs:
+                ShapeProp(gm).propagate(*args)  # record shapes: some folds need a tensor's rank
+        return Captured(gm, "torch.fx.symbolic_trace", time.perf_counter() - start, shapes,
+                        [{} for _ in shapes], [f"input {i}" for i in range(len(shapes))])
+    except Exception as err:
+        failures.append(_classify("torch.fx.symbolic_trace", err) if not isinstance(err, CaptureError)
+                        else f"torch.fx.symbolic_trace: {err}")
+    hint = ("Remedy: replace Python control flow that depends on tensor values with tensor ops "
+            "(torch.where) or torch.cond, optimize the submodules that capture on their own, or use "
+            "torch.compile(model, backend='fxreparam'), which folds the graph around such code.")
+    if args is None:
+        hint = "Remedy: pass example inputs (optimize(model, example_inputs)) so torch.export can capture it."
+    raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + hint)
