@@ -9,7 +9,7 @@ from dataclasses import astuple, dataclass, field
 from torch import fx, nn
 
 from . import ops
-from .cost import FOOTPRINT_LABELS, Footprint, graph_cost, result_costlier
+from .cost import FOOTPRINT_LABELS, PRECOMPUTE_FRACTION, Footprint, graph_cost, result_costlier
 from .pipeline import PassStat
 from .registry import Refusal
 from .verify import Verification
@@ -87,6 +87,7 @@ class Report:
     verify_seconds: float = 0.0
     compiler: str = ""  # the compiler the result was handed to, where the report's maker timed it
     compile_seconds: float = 0.0
+    precomputed: int = 0  # stored elements precomputed constants added, within fold_constants' precompute budget
 
     @property
     def rewrites(self) -> dict[str, int]:
@@ -106,7 +107,7 @@ class Report:
         lines += _table(["ops and cost", "before", "after"],
                         [[labels.get(k, k), v, self.after.as_dict()[k]] for k, v in self.before.as_dict().items()])
         lines.append("")
-        lines += _whole_result(self.before, self.after)
+        lines += _whole_result(self.before, self.after, self.precomputed)
         lines.append("")
         lines += _refusal_section(self.refusals)
         lines.append(f"verification: {self.verification if self.verification is not None else self.verification_note}")
@@ -138,14 +139,17 @@ def _ratio(old: int, new: int) -> str:
     return f"{new / old:.3f}x" if old else ("1.000x" if not new else "new")
 
 
-def _whole_result(before: OpCounts, after: OpCounts) -> list[str]:
+def _whole_result(before: OpCounts, after: OpCounts, precomputed: int = 0) -> list[str]:
     """One line comparing the result with its input (stored elements, MACs, op counts, each with output/input),
-    and a warning naming what costs more (:func:`fxreparam.cost.result_costlier`)."""
+    the elements precomputed constants added, and a warning naming what costs more
+    (:func:`fxreparam.cost.result_costlier`)."""
     old, new = _footprint(before), _footprint(after)
     parts = [f"{label} {b:,} -> {a:,} ({_ratio(b, a)})" for label, b, a in
              zip(FOOTPRINT_LABELS, astuple(old), astuple(new))]
-    why = result_costlier(old, new)
-    return ["whole result (input -> output): " + "; ".join(parts), *([f"WARNING: {why}"] if why else [])]
+    why = result_costlier(old, new, precomputed=precomputed)
+    budget = (f"; precomputed constants: {precomputed:,} stored elements (budget: {PRECOMPUTE_FRACTION:.0%} of the "
+              "input's)" if precomputed else "")
+    return ["whole result (input -> output): " + "; ".join(parts) + budget, *([f"WARNING: {why}"] if why else [])]
 
 
 def _table(header: list[str], rows: list[list[object]]) -> list[str]:

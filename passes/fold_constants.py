@@ -80,7 +80,7 @@ class PrecomputeBudget:
 
     @property
     def left(self) -> int:
-        return self.total - self.spent
+        return max(0, self.total - self.spent)
 
 
 def precompute_budget(gm: fx.GraphModule) -> PrecomputeBudget:
@@ -130,7 +130,7 @@ def fold_constants(ctx: PassContext) -> int:
         if why is not None:
             ctx.refuse(node, f"constant {node.name} is computed in forward: {why}", costlier=True)
             continue
-        if not kernel and value.numel() > leaves[node]:
+        if not kernel:  # its sources may stay stored for other readers: charged whole, an upper bound of growth
             budget.spent += value.numel()
         name = f"_fxreparam_const_{len(gm._buffers)}"
         while hasattr(gm, name):
