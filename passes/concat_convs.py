@@ -3,7 +3,9 @@
 ``cat([conv_1(x), ..., conv_n(x)], channels)`` with equal strides and aligned centers is one conv
 whose output channels are the stacked kernels, each center-padded to the largest. A BN or affine
 on a branch folds first (it is per branch). Stacking kernels of different sizes pads the small
-ones with zeros: where that costs more than the convs it replaces, the fold is refused.
+ones with zeros, and a cat that lists one conv twice would compute it twice: where the stack costs
+more than the convs it replaces, the fold is declined (``Costlier``). Reads on either side of an
+in-place write, or through a crop no padding composes with, are refused.
 """
 
 from __future__ import annotations
