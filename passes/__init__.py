@@ -15,6 +15,7 @@ from . import (
     provisional,
     prune_zero_channels,
     sequential,
+    zero_branches,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "provisional",
     "prune_zero_channels",
     "sequential",
+    "zero_branches",
 ]

@@ -64,3 +64,11 @@ def test_folded_report_shows_the_whole_result_line():
     text = str(fxreparam.report(fxreparam.optimize(model, torch.randn(1, 3, 6, 6))))
     assert "whole result (input -> output): stored elements 128 -> 112 (0.875x)" in text
     assert "WARNING" not in text
+
+
+def test_precomputed_constants_are_shown_and_allowed_within_their_count():
+    before, after = _counts(1000, 50, 1), _counts(1008, 50, 1)
+    lines = _whole_result(before, after, precomputed=8)
+    assert len(lines) == 1 and "precomputed constants: 8 stored elements (budget: 1% of the input's)" in lines[0]
+    assert result_costlier(Footprint(1000, 50), Footprint(1008, 50), precomputed=8) is None
+    assert "stored elements 1,009 > 1,008" in result_costlier(Footprint(1000, 50), Footprint(1009, 50), precomputed=8)
