@@ -93,6 +93,13 @@ def precompute_budget(gm: fx.GraphModule) -> PrecomputeBudget:
 _BUDGET = "_fxreparam_precompute_budget"
 
 
+def precomputed_elements(gm: fx.GraphModule) -> int:
+    """Stored elements precomputed constants added to ``gm`` so far (0 where ``fold_constants`` did not run): what
+    the report shows and what :func:`fxreparam.cost.result_costlier` allows as ``precomputed``."""
+    budget = gm.__dict__.get(_BUDGET)
+    return budget.spent if budget is not None else 0
+
+
 @register_pass("fold_constants", "evaluate parameter-only subgraphs (Dirac, weight norm, parametrize) once into "
                                  "plain weights", aliases=("dirac",))
 def fold_constants(ctx: PassContext) -> int:

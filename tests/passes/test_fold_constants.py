@@ -120,3 +120,12 @@ def test_constant_over_the_budget_stays_in_forward_declined_for_its_cost():
     assert any("arange" in str(n.target) for n in folded.graph.nodes)
     declined = [r for r in rep.refusals if r.declined and "precompute budget" in r.reason]
     assert declined and not [r for r in rep.refusals if not r.declined]
+
+
+def test_precomputed_elements_are_counted_on_the_graph():
+    from fxreparam.passes.fold_constants import precomputed_elements
+
+    run = run_pass("fold_constants", _AnchorHead(), torch.randn(1, 16, 6, 6))
+    # symbolic_trace reads the grid's sizes from y.shape in forward (not constants): only stride[0] is precomputed
+    assert (run.rewrites, precomputed_elements(run.gm), precomputed_elements(torch.fx.symbolic_trace(nn.ReLU()))) \
+        == (1, 1, 0)
