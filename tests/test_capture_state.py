@@ -96,3 +96,46 @@ def test_finalize_makes_unwritten_views_reshapes_and_keeps_written_ones():
 
     methods = [n.target for n in finalize(fx.symbolic_trace(Views())).graph.nodes if n.op == "call_method"]
     assert methods.count("reshape") == 1 and methods.count("view") == 1
+
+
+class AnchorCache(nn.Module):
+    """A conv-BN whose forward caches an anchor row on the module the first time it sees a size, over class-level
+    defaults (as RT-DETR's decoder does with its anchors)."""
+
+    anchors = torch.empty(0)
+    shapes: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shapes = tuple(x.shape[2:])
+        if self.shapes != shapes:
+            self.anchors, self.shapes = torch.linspace(-1, 1, x.shape[-1]).exp(), shapes
+        return self.bn(self.conv(x)) * self.anchors
+
+
+def test_a_model_that_caches_on_itself_in_its_first_forward_is_captured_after_one_run():
+    model, x = AnchorCache().eval(), torch.randn(2, 3, 6, 6)
+    folded = fxreparam.optimize(model, x)
+    assert "anchors" not in vars(model) and "shapes" not in vars(model)  # the user's model is as it was
+    assert any("first call" in note for note in capture(model, (x,)).notes)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_a_forward_that_assigns_a_tensor_attribute_on_every_call_is_refused_naming_it():
+    class Calls(nn.Module):
+        calls = torch.zeros(())
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls = self.calls + 1
+            return self.conv(x) * self.calls
+
+    with pytest.raises(fxreparam.CaptureError, match=r"attribute 'calls'.*every call"):
+        capture(Calls().eval(), (torch.randn(2, 3, 4, 4),), method="export")

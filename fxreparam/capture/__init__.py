@@ -23,11 +23,20 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, CaptureInputError, ShapeError
+from ..verify import fresh_copies
 from .diagnose import _check_inputs, _classify, _input_mismatch, _runs
-from .export import DYNAMIC_DIMS, _export_as_asked, _export_checked, export_program
+from .export import DYNAMIC_DIMS, _export_as_asked, _export_checked, _Exported, export_program
 from .functional import _to_graph
 from .guard import GUARD, ExportGuard, InputGuard, InputSpec, _check_covers, guarded_module, input_spec
-from .trace import OPAQUE, copy_model, opaque_reason, symbolic_trace
+from .trace import (
+    OPAQUE,
+    copy_model,
+    opaque_reason,
+    recording_assignments,
+    restore_state,
+    snapshot_state,
+    symbolic_trace,
+)
 
 __all__ = [
     "DYNAMIC_DIMS",
@@ -81,16 +90,51 @@ class Captured:
         _check_covers(self.gm, args, kwargs)
 
 
+def _export_restoring(model: nn.Module, args: tuple, kwargs: dict, double: bool, check: bool, dynamic_shapes: Any
+                      ) -> tuple[_Exported, list[str], list[str]]:
+    """The export attempts, the model's state put back afterwards (export leaves its fake tensors where a forward
+    assigns a tensor attribute); returns the program, its notes and the tensor attributes the forward assigned."""
+    notes: list[str] = []
+    saved = snapshot_state(model)
+    try:
+        with recording_assignments(model) as assigned:
+            if dynamic_shapes is not None:
+                exported = _export_as_asked(model, args, kwargs, dynamic_shapes)
+            else:
+                exported = _export_checked(model, args, kwargs, notes, double, check)
+    finally:
+        left = restore_state(saved)
+    return exported, notes, [*assigned, *(a for a in left if a not in assigned)]
+
+
+def _warmed(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """A copy of ``model`` run once on the example (its caches filled), every buffer back at the model's values."""
+    warm = copy_model(model)
+    with torch.no_grad():
+        warm(*fresh_copies(args), **fresh_copies(kwargs))
+        buffers = dict(model.named_buffers())
+        for name, buffer in warm.named_buffers():
+            buffer.copy_(buffers[name])
+    return warm
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True,
             dynamic_shapes: Any = None) -> Captured:
     """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows
-    (``dynamic_shapes``: exactly those, as torch.export takes them)."""
+    (``dynamic_shapes``: exactly those, as torch.export takes them). A forward that caches a tensor on the model
+    on its first call (an anchor grid) is captured from a copy that has run once; one that assigns a tensor
+    attribute on every call keeps state the graph cannot hold, and is refused naming it."""
     start = time.perf_counter()
-    notes: list[str] = []
-    if dynamic_shapes is not None:
-        exported = _export_as_asked(model, args, kwargs, dynamic_shapes)
-    else:
-        exported = _export_checked(model, args, kwargs, notes, double, check)
+    exported, notes, assigned = _export_restoring(model, args, kwargs, double, check, dynamic_shapes)
+    if assigned:
+        exported, notes, again = _export_restoring(_warmed(model, args, kwargs), args, kwargs, double, check,
+                                                   dynamic_shapes)
+        if again:
+            raise CaptureError(f"{type(model).__name__}'s forward assigns {', '.join(again)} on every call: state a "
+                               "graph cannot keep. Remedy: register it as a buffer and write it in place "
+                               "(self.register_buffer(...), then .copy_(value) in forward).")
+        notes.append(f"the forward sets {', '.join(assigned)} on its first call (a cache): captured from a copy "
+                     "that ran once on the example")
     gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
     return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
                     exported.doubled)

@@ -3,7 +3,9 @@ buffer writes and refuses forwards that assign module tensors; :func:`copy_model
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -94,12 +96,12 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
         raise CaptureError(f"{type(model).__name__} has {' and '.join(hooks)} on the model itself, which "
                            "symbolic_trace would silently drop. Remedy: pass example inputs (and capture='auto' or "
                            "'export') so torch.export runs the hooks, or remove them.")
-    saved = [(mod, dict(vars(mod)), dict(mod._buffers), dict(mod._parameters)) for mod in model.modules()]
+    saved = snapshot_state(model)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     finally:
-        assigned = _restore(saved)
+        assigned = restore_state(saved)
     if assigned:
         raise CaptureError(f"{type(model).__name__}'s forward assigns {', '.join(assigned)}, which symbolic_trace "
                            "cannot keep as a write. Remedy: pass example inputs so torch.export captures the write "
@@ -108,18 +110,54 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _restore(saved: list[tuple[nn.Module, dict, dict, dict]]) -> list[str]:
-    """Put back every module attribute, buffer and parameter a trace assigned (a traced forward that sets
-    ``self.count = self.count + 1`` leaves a proxy there); returns the tensor ones assigned, named, for the error."""
+State = list[tuple[nn.Module, dict, dict, dict]]
+
+
+@contextlib.contextmanager
+def recording_assignments(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, record (named) each tensor that one of ``model``'s modules gets as an attribute that is no
+    buffer or parameter (``self.anchors = ...`` in forward): export puts some of these back after tracing, and its
+    graph then holds the value of that one call."""
+    assigned: list[str] = []
+    setattr_ = nn.Module.__setattr__
+    own = {id(mod) for mod in model.modules()}  # not the modules torch builds while it traces
+
+    def record(mod: nn.Module, name: str, value: Any) -> None:
+        if id(mod) in own and isinstance(value, torch.Tensor) and name not in mod._buffers and (
+                name not in mod._parameters):
+            label = f"attribute {name!r} ({type(mod).__name__})"
+            if label not in assigned:
+                assigned.append(label)
+        setattr_(mod, name, value)
+
+    nn.Module.__setattr__ = record  # type: ignore[method-assign]
+    try:
+        yield assigned
+    finally:
+        nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
+
+
+def snapshot_state(model: nn.Module) -> State:
+    """Every module's attributes, buffers and parameters (the objects, not copies), for :func:`restore_state`."""
+    return [(mod, dict(vars(mod)), dict(mod._buffers), dict(mod._parameters)) for mod in model.modules()]
+
+
+def restore_state(saved: State) -> list[str]:
+    """Where a trace set a module attribute, buffer or parameter to a tensor (a traced ``self.count = self.count + 1``
+    leaves a proxy there, a forward that caches ``self.anchors`` leaves export's fake tensor), put the whole state
+    back, so that a cache and its key (``self.shapes``) stay consistent; returns those tensors, named. Plain Python
+    state alone (``self.calls += 1``) is left as the trace left it, as a run would."""
     assigned: list[str] = []
     for mod, attrs, buffers, params in saved:
         for kind, now, before in (("buffer", mod._buffers, buffers), ("parameter", mod._parameters, params),
                                   ("attribute", vars(mod), attrs)):
-            changed = [k for k, v in now.items() if (k not in before or before[k] is not v)
-                       and isinstance(v, (torch.Tensor, fx.Proxy))]
-            assigned += [f"{kind} {k!r} ({type(mod).__name__})" for k in changed]
-            now.clear()
-            now.update(before)
+            assigned += [f"{kind} {k!r} ({type(mod).__name__})" for k, v in now.items()
+                         if (k not in before or before[k] is not v) and isinstance(v, (torch.Tensor, fx.Proxy))]
+    if assigned:
+        for mod, attrs, buffers, params in saved:
+            for now, before in ((mod._buffers, buffers), (mod._parameters, params), (vars(mod), attrs)):
+                now.clear()
+                now.update(before)
     return assigned
 
 
