@@ -70,13 +70,14 @@ def test_optimize_starts_in_the_models_state_and_advances_it_as_the_model(cls, n
     _assert_same_run(untouched, folded, names)
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
 @pytest.mark.parametrize("cls, names", [(Counter, ("count",)), (Observer, ("mean",))])
-def test_the_backend_keeps_a_regions_buffer_writes_and_verification_never_advances_them(cls, names):
+def test_the_backend_keeps_a_regions_buffer_writes_and_verification_never_advances_them(cls, names, dynamic):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = randomize_batch_norms(cls()).eval()
     original = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="fxreparam", options={"inner": "eager"}, dynamic=dynamic)
     _assert_same_run(original, compiled, names)
     region = fxreparam.region_reports()[-1]
     assert region.after.batch_norm == 0 and region.verification.ok
