@@ -139,3 +139,34 @@ def test_a_forward_that_assigns_a_tensor_attribute_on_every_call_is_refused_nami
 
     with pytest.raises(fxreparam.CaptureError, match=r"attribute 'calls'.*every call"):
         capture(Calls().eval(), (torch.randn(2, 3, 4, 4),), method="export")
+
+
+class Switch(nn.Module):
+    """A conv-BN whose forward branches in Python on a flag buffer; ``write`` also clears the flag (ActNorm-style)."""
+
+    def __init__(self, write: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.write = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), write
+        self.register_buffer("on", torch.ones((), dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.on:
+            if self.write:
+                self.on.fill_(False)
+            return y
+        return -y
+
+
+def test_symbolic_trace_takes_a_python_branch_on_a_buffer_it_only_reads():
+    model, x = Switch(write=False).eval(), torch.randn(2, 3, 4, 4)
+    folded = fxreparam.optimize(model)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-6)
+
+
+def test_symbolic_trace_refuses_a_write_into_a_buffer_its_python_branches_on_and_puts_it_back():
+    model = Switch(write=True).eval()
+    with pytest.raises(fxreparam.CaptureError, match=r"buffer\(s\) 'on'"):
+        capture(model, None)
+    assert bool(model.on)

@@ -99,7 +99,7 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     saved = snapshot_state(model)
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        graph = _trace(tracer, model)
     finally:
         assigned = restore_state(saved)
     if assigned:
@@ -108,6 +108,40 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
                            "(run the model once first where it caches a tensor on itself), or write in place "
                            "(self.count.add_(1), self.count.copy_(value)), which the graph keeps.")
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _trace(tracer: _Tracer, model: nn.Module) -> fx.Graph:
+    """Trace with buffer reads as nodes (a write into a buffer is then kept); where the forward's Python needs a
+    buffer's value (``if self.initialized:``), with buffers as their values, unless that trace changed one: its
+    write would be lost from the graph (refused, naming the buffer, its value put back)."""
+    try:
+        return tracer.trace(model)
+    except Exception as proxied:
+        before = {name: b.clone() for name, b in model.named_buffers()}
+        tracer.proxy_buffer_attributes = False
+        try:
+            graph = tracer.trace(model)
+        except Exception:
+            raise proxied from None
+        finally:
+            changed = _put_back(model, before)
+    if changed:
+        raise CaptureError(f"{type(model).__name__}'s forward writes buffer(s) {', '.join(changed)} where its Python "
+                           "also needs their values, so symbolic_trace cannot keep the write. Remedy: pass example "
+                           "inputs so torch.export captures it.")
+    return graph
+
+
+def _put_back(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Copy each buffer's saved value back where a trace changed it; returns the names of those changed."""
+    changed = []
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            old = before.get(name)
+            if old is not None and (old.shape != buffer.shape or not torch.equal(old, buffer)):
+                buffer.copy_(old)
+                changed.append(repr(name))
+    return changed
 
 
 State = list[tuple[nn.Module, dict, dict, dict]]
