@@ -1,9 +1,9 @@
 """Deployment of a folded model: eager, Inductor, a ``torch.export`` program file, ONNX, AOTInductor, TensorRT.
 
 Every function takes the module :func:`fxreparam.optimize` returned and the example inputs. The
-artifacts keep every input dim the model does not pin dynamic (the batch dim included, also from a
-batch-1 example), and a call with a shape the artifact does not cover raises :class:`ShapeError`
-naming the input and the dim; an artifact never returns an output of the wrong size.
+artifacts keep dynamic the input dims the folded module's capture kept dynamic (the batch by default, also
+from a batch-1 example; those given as ``dynamic_shapes``), and a call with a shape the artifact does not
+cover raises :class:`ShapeError` naming the input and the dim; an artifact never returns an output of the wrong size.
 :func:`deploy` is the one place ``optimize(backend=...)`` and the command line hand a folded model to a backend.
 """
 
@@ -137,7 +137,8 @@ def compile_with(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) 
 def save(folded: nn.Module, path: str | os.PathLike, example_inputs: Any) -> Path:
     """Write ``folded`` as a ``torch.export`` program (``.pt2``): weights and graph, no pickled code.
 
-    Every dim the model does not pin stays dynamic (the batch dim also from a batch-1 example).
+    The dims its capture kept dynamic stay dynamic, with their ranges (the batch by default, also from a batch-1
+    example; those given as ``dynamic_shapes``); another model keeps every dim it does not pin in the batch dynamic.
     """
     program = export_program(folded, _args(example_inputs), {})
     torch.export.save(program, str(path))
