@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import sys
@@ -16,7 +15,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import deploy
-from .capture import Captured
+from .capture import Captured, copy_model
 from .capture import capture as capture_graph
 from .core import Outcome, Source, fold
 from .errors import CaptureInputError, VerificationError
@@ -215,7 +214,7 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         warnings.warn(f"{type(model).__name__} is in training mode: fxreparam folds its inference (eval) function; "
                       "the model itself is left in training mode", stacklevel=3)
     start = time.perf_counter()
-    work = copy.deepcopy(model).eval()
+    work = copy_model(model).eval()
     _check_dtypes(work, args, kwargs)
     log.info("capturing %s (%s) ...", type(model).__name__, capture)
     captured = _capture(work, args, kwargs, capture, double, verify, dynamic_shapes)
@@ -232,7 +231,7 @@ def _optimize(model: nn.Module, example_inputs: Any, passes: Any, skip: Any, ver
         verify_seconds = time.perf_counter() - tick
 
     def fresh() -> fx.GraphModule:  # the same capture again, for the culprit search
-        return _capture(copy.deepcopy(model).eval(), args, kwargs, captured.method_key, double, True,
+        return _capture(copy_model(model).eval(), args, kwargs, captured.method_key, double, True,
                         dynamic_shapes).gm
 
     source = Source(captured.gm, type(model).__name__, captured.method, captured.seconds, fresh, _notes(args))

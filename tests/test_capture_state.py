@@ -170,3 +170,39 @@ def test_symbolic_trace_refuses_a_write_into_a_buffer_its_python_branches_on_and
     with pytest.raises(fxreparam.CaptureError, match=r"buffer\(s\) 'on'"):
         capture(model, None)
     assert bool(model.on)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_attribute_recomputed_before_it_is_read_on_every_call_is_no_state(grad):
+    """Old-style spectral_norm sets ``weight`` from ``weight_orig`` at every call before the conv reads it: a per-call
+    cache, not state, so export folds it (it was refused as state a graph cannot keep)."""
+    from fxreparam.testing import randomize_batch_norms
+
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.BatchNorm2d(4)).train()
+    with torch.set_grad_enabled(grad):
+        model(torch.randn(2, 3, 6, 6))  # power iterations; under autograd the stored weight is a non-leaf
+    model = randomize_batch_norms(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    captured = capture(model, (x,))
+    assert captured.method.startswith("torch.export")
+    assert any("every call before reading it" in note for note in captured.notes)
+    folded = fxreparam.optimize(model, x)
+    assert fxreparam.report(folded).after.batch_norm == 0
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_an_attribute_read_before_it_is_assigned_again_is_state_and_refused():
+    class Previous(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.prev = torch.zeros(1, 3, 4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x) + self.prev
+            self.prev = out.detach()
+            return out
+
+    with pytest.raises(fxreparam.CaptureError, match=r"attribute 'prev'.*every call"):
+        capture(Previous().eval(), (torch.randn(1, 3, 4, 4),), method="export")

@@ -118,6 +118,34 @@ def _warmed(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
     return warm
 
 
+def _poisoned(value: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``value``'s shape and dtype that differs from it everywhere (nan where floating)."""
+    return torch.full_like(value, float("nan")) if value.is_floating_point() or value.is_complex() else value + 1
+
+
+def _assigned_before_read(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether every tensor attribute the forward assigns on each call is assigned before the call reads it (a per-call
+    cache, as old-style ``spectral_norm`` sets ``weight`` from ``weight_orig``): on a copy that ran once, poisoning
+    those attributes at call entry leaves the outputs bit for bit as they were. Then no state crosses calls."""
+    warm = _warmed(model, args, kwargs)
+    entry = {(id(mod), name): value for mod in warm.modules() for name, value in vars(mod).items()
+             if isinstance(value, torch.Tensor)}
+    buffers = {name: b.clone() for name, b in warm.named_buffers()}
+    with torch.no_grad():
+        expected = warm(*fresh_copies(args), **fresh_copies(kwargs))
+        reassigned = [(mod, name) for mod in warm.modules() for name, value in vars(mod).items()
+                      if (id(mod), name) in entry and entry[(id(mod), name)] is not value]
+        for name, b in warm.named_buffers():
+            b.copy_(buffers[name])
+        for mod, name in reassigned:
+            object.__setattr__(mod, name, _poisoned(entry[(id(mod), name)]))
+        got = warm(*fresh_copies(args), **fresh_copies(kwargs))
+    same = pytree.tree_structure(expected) == pytree.tree_structure(got) and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        for a, b in zip(pytree.tree_leaves(expected), pytree.tree_leaves(got)))
+    return bool(reassigned) and same
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, check: bool = True,
             dynamic_shapes: Any = None) -> Captured:
     """Capture with torch.export: a functional graph with export's guards, dynamic dims where the model allows
@@ -129,11 +157,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, ch
     if assigned:
         exported, notes, again = _export_restoring(_warmed(model, args, kwargs), args, kwargs, double, check,
                                                    dynamic_shapes)
-        if again:
+        if again and not _assigned_before_read(model, args, kwargs):
             raise CaptureError(f"{type(model).__name__}'s forward assigns {', '.join(again)} on every call: state a "
                                "graph cannot keep. Remedy: register it as a buffer and write it in place "
                                "(self.register_buffer(...), then .copy_(value) in forward).")
-        notes.append(f"the forward sets {', '.join(assigned)} on its first call (a cache): captured from a copy "
+        notes.append(f"the forward sets {', '.join(again)} on every call before reading it (a per-call cache, such "
+                     "as old-style spectral_norm's weight): captured as the function it computes" if again else
+                     f"the forward sets {', '.join(assigned)} on its first call (a cache): captured from a copy "
                      "that ran once on the example")
     gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
     return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
