@@ -25,7 +25,7 @@ from .deploy import export_onnx, load, save
 from .errors import CaptureError, CaptureInputError, FxReparamError, ShapeError, VerificationError
 from .expand import expand as _expand
 from .graph import emit
-from .pipeline import BUILTIN_ORDER
+from .passes import BUILTIN_ORDER
 from .registry import (
     Costlier,
     NotExact,

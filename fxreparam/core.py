@@ -9,13 +9,17 @@ raises :class:`~fxreparam.errors.VerificationError`; the backend drops the culpr
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx
 
+from .cost import footprint, result_costlier
 from .finalize import finalize
+from .passes.fold_constants import precomputed_elements
+from .passes.provisional import undo_provisional
 from .pipeline import PassLog, replay, run_passes
 from .registry import Pass
 from .report import Report, count_ops
@@ -67,9 +71,16 @@ def fold(source: Source, passes: Sequence[Pass], *, class_name: str, check: Chec
     (None: unverified, ``verification_note`` says why) and blame; the report times each step (``verify_seconds``:
     the reference's own making, already spent)."""
     start = time.perf_counter()
-    before = count_ops(source.gm)
+    before, input_cost = count_ops(source.gm), footprint(source.gm)
     passlog = run_passes(source.gm, list(passes), on_pass=on_pass)
+    undo_provisional(source.gm)  # compositions made for a sum that did not fold (also where settle_provisional
+    # was not among the passes): never costlier than the input
+    precomputed = precomputed_elements(source.gm)
     folded = finalize(source.gm, class_name=class_name)
+    costlier = result_costlier(input_cost, folded, precomputed=precomputed)
+    if costlier is not None:
+        warnings.warn(f"fxreparam: the folded {source.model} {costlier.removeprefix('the result ')}; please report "
+                      "the model", UserWarning, stacklevel=3)
     fold_seconds = time.perf_counter() - start
     verification = culprit = step = None
     if check is not None:
@@ -84,7 +95,7 @@ def fold(source: Source, passes: Sequence[Pass], *, class_name: str, check: Chec
                     optimize_seconds=fold_seconds + verify_seconds, passes=list(passlog.stats.values()),
                     refusals=passlog.refusals, before=before, after=count_ops(folded), verification=verification,
                     verification_note=verification_note, rounds=passlog.rounds, verify_seconds=verify_seconds,
-                    notes=[*source.notes, *_pass_notes(passlog)])
+                    notes=[*source.notes, *_pass_notes(passlog)], precomputed=precomputed)
     return Outcome(folded, report, passlog, verification, culprit, step)
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import ops
-from .graph import build_module, call_module, eliminate_dead_code, replace
+from .graph import SharedLayers, build_module, call_module, eliminate_dead_code, replace
 from .meta import channels_last, fetch_attr, module_path, rank
 from .mutation import WRITTEN, mark_written
 
@@ -86,13 +86,14 @@ def _bn_module(bn: ops.BatchNorm, ndim: int | None) -> nn.Module | None:
     return mod.eval()
 
 
-def _layer_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """A plain module for a functional conv, linear or batch norm with stored tensors, else ``None``."""
+def _layer_module(gm: fx.GraphModule, node: fx.Node, shared: SharedLayers) -> nn.Module | None:
+    """A plain module for a functional conv, linear or batch norm with stored tensors, else ``None``; calls of one
+    layer (the same tensors and spec, ``shared``) get one module, so its weights stay stored once."""
     if node.op != "call_function":
         return None
     layer = ops.weighted(gm, node)
     if layer is not None:
-        return build_module(layer.spec, layer.weight, layer.bias, layer.storage)
+        return build_module(layer.spec, layer.weight, layer.bias, layer.storage, shared=shared)
     bn = ops.batch_norm(gm, node)
     return _bn_module(bn, rank(node)) if bn is not None else None
 
@@ -169,12 +170,13 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
     mark_written(gm)  # flags each value written in place through any alias; before the layers are renamed
     written = {node for node in graph.nodes if node.meta.get(WRITTEN)}
     tree = _Tree()
+    shared: SharedLayers = {}
     for node in list(graph.nodes):
         if node.op == "call_module":
             node.target = tree.place(module_path(node), _plain(fetch_attr(gm, node.target)))
             _layout_like(fetch_attr(tree.root, node.target), node)
             continue
-        mod = _layer_module(gm, node)
+        mod = _layer_module(gm, node, shared)
         if mod is not None:
             spec = ops.weighted(gm, node) or ops.batch_norm(gm, node)
             path = module_path(node)

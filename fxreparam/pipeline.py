@@ -1,5 +1,5 @@
 """The pipeline: the runner that takes a graph to a fixpoint through the passes in the order the registry keeps
-(:data:`BUILTIN_ORDER`, re-exported here).
+(the built-ins' order is ``fxreparam.passes.BUILTIN_ORDER``).
 
 One fold can expose another (a folded constant makes a conv whose BN can then fold), so the
 passes repeat, round after round, until none rewrites anything. Every pass sweeps the graph
@@ -19,9 +19,9 @@ from torch import fx
 
 from .graph import eliminate_dead_code
 from .mutation import mark_written
-from .registry import BUILTIN_ORDER, Pass, PassContext, PassError, Refusal, ordered
+from .registry import Pass, PassContext, PassError, Refusal, ordered
 
-__all__ = ["BUILTIN_ORDER", "MAX_ROUNDS", "PassLog", "PassStat", "ordered", "replay", "run_passes"]
+__all__ = ["MAX_ROUNDS", "PassLog", "PassStat", "ordered", "replay", "run_passes"]
 
 MAX_ROUNDS = 32
 

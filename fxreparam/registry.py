@@ -5,8 +5,8 @@ rewrote the graph there; the runner sweeps the graph once per round and calls it
 node. A rule that matches but would not be exact raises :class:`NotExact`, which the runner
 records as a refusal in the report. A pass that needs the whole graph at once takes only
 ``ctx`` and returns its number of rewrites. The order of the built-in passes is one list in
-this module (:data:`BUILTIN_ORDER`); a user's pass runs where ``after=`` places it (default: before
-``cleanup``)::
+:mod:`fxreparam.passes` (``BUILTIN_ORDER``, declared here with :func:`set_builtin_order`); a user's pass
+runs where ``after=`` places it (default: before ``cleanup``)::
 
     @fxreparam.register_pass("my_fold", "fold my op into the conv before it", after="conv_bn")
     def my_fold(ctx: fxreparam.PassContext, node: torch.fx.Node) -> bool:
@@ -27,18 +27,19 @@ from .graph import live_nodes
 from .meta import module_path
 
 __all__ = [
-    "BUILTIN_ORDER",
     "Costlier",
     "NotExact",
     "Pass",
     "PassContext",
     "PassError",
     "Refusal",
+    "builtin_order",
     "get_pass",
     "list_passes",
     "ordered",
     "register_pass",
     "resolve",
+    "set_builtin_order",
     "unregister_pass",
 ]
 
@@ -164,36 +165,35 @@ class Pass:
                             pass_name=self.name, node=node.name if node is not None else None) from err
 
 
-BUILTIN_ORDER: tuple[str, ...] = (
-    "inference_identities",  # dropout in eval, nn.Identity -> gone
-    "fold_constants",       # parameter-only subgraphs (Dirac, weight norm, parametrize) -> stored weights
-    "conv_bn",              # per-channel affine after a conv or linear layer -> into its kernel
-    "bn_conv",              # per-channel affine before a conv or linear layer -> into its kernel, where exact
-    "pool_as_conv",         # exact average pool before a per-channel affine -> depthwise conv
-    "sequential",           # 1x1-kxk, kxk-1x1, linear-linear pairs -> one layer
-    "branch_sum",           # summed conv / BN / pool branches of one input -> one conv
-    "identity",             # x + f(x) -> f's conv with a Dirac kernel added
-    "concat_convs",         # convs of one input concatenated on channels -> one conv
-    "prune_zero_channels",  # all-zero output channels -> removed with the inputs that read them
-    "cleanup",              # dead nodes and unread tensors -> gone
-)
-"""The order the built-in passes run in, each round."""
+_BUILTIN_ORDER: tuple[str, ...] = ()
+
+
+def set_builtin_order(names: Iterable[str]) -> None:
+    """Declare the order the built-in passes run in, each round: :mod:`fxreparam.passes` holds that one list and
+    declares it here, so the registry never imports the rules it orders."""
+    global _BUILTIN_ORDER
+    _BUILTIN_ORDER = tuple(names)
+
+
+def builtin_order() -> tuple[str, ...]:
+    """The built-in passes' order, as :mod:`fxreparam.passes` declared it."""
+    return _BUILTIN_ORDER
 
 
 def ordered(passes: list[Pass]) -> list[Pass]:
-    """``passes`` in pipeline order: the built-ins by :data:`BUILTIN_ORDER`, each user pass right after the
+    """``passes`` in pipeline order: the built-ins by :func:`builtin_order`, each user pass right after the
     pass its ``after`` names (default: before ``cleanup``), user passes in registration order."""
     by_name = {p.name: p for p in passes}
-    result = [by_name[n] for n in BUILTIN_ORDER if n in by_name]
+    result = [by_name[n] for n in _BUILTIN_ORDER if n in by_name]
     for p in passes:
-        if p.name in BUILTIN_ORDER:
+        if p.name in _BUILTIN_ORDER:
             continue
         anchor = p.after if p.after in {q.name for q in result} else None
         if anchor is None:
             at = next((i for i, q in enumerate(result) if q.name == "cleanup"), len(result))
         else:
             at = next(i for i, q in enumerate(result) if q.name == anchor) + 1
-            while at < len(result) and result[at].name not in BUILTIN_ORDER and result[at].after == anchor:
+            while at < len(result) and result[at].name not in _BUILTIN_ORDER and result[at].after == anchor:
                 at += 1  # after earlier user passes anchored at the same place
         result.insert(at, p)
     return result
@@ -218,7 +218,7 @@ def register_pass(name: str, description: str, *, after: str | None = None, alia
         name: the pass's name, as ``optimize(passes=..., skip=...)`` and the report spell it.
         description: one line for ``fxreparam passes`` and the README.
         after: a user pass runs right after this pass (default: last before ``cleanup``); the
-            built-in order is :data:`BUILTIN_ORDER`.
+            built-in order is ``fxreparam.passes.BUILTIN_ORDER``.
         aliases: former names that still select this pass.
         replace: allow replacing a pass registered under the same name.
 

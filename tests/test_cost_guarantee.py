@@ -1,7 +1,6 @@
 """Never costlier than the input: zero tensors not stored, speculative compositions undone when the fold that
 was to pay for them does not land, weights read at several places stored once, and the whole-result check."""
 
-import pytest
 import torch
 from torch import nn
 
@@ -100,8 +99,6 @@ def test_build_module_with_shared_gives_one_layer_per_tensor():
     assert build_module(LinearSpec(), weight, bias, storage) is not first
 
 
-@pytest.mark.xfail(strict=True, reason="needs finalize._layer_module to pass build_module(..., shared=) one dict per "
-                                       "finalize run (fxreparam/finalize.py is not this change's file)")
 def test_layer_called_at_several_places_is_stored_once():
     model, x = _CalledThrice().eval(), torch.randn(2, 4)
     folded = fxreparam.optimize(model, x)

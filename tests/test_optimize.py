@@ -127,7 +127,8 @@ def test_registry_lists_passes_in_order_with_descriptions():
     passes = fxreparam.list_passes()
     names = [p.name for p in passes]
     assert names == list(fxreparam.BUILTIN_ORDER)
-    assert names[:3] == ["inference_identities", "fold_constants", "conv_bn"] and names[-1] == "cleanup"
+    assert names[0] == "inference_identities" and names[-2:] == ["cleanup", "settle_provisional"]
+    assert names.index("fold_constants") < names.index("conv_bn") < names.index("branch_sum")
     assert [p.name for p in fxreparam.registry.resolve(["dirac", "avgpool"])] == ["fold_constants", "pool_as_conv"]
     assert [p.name for p in fxreparam.registry.resolve("linear_bn")] == ["conv_bn", "bn_conv"]
     assert all(p.description for p in passes)
