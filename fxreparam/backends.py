@@ -232,7 +232,11 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     """
     settings = Settings.parse(options)
     start = time.perf_counter()
-    training = _training(gm)
+    try:
+        training = _training(gm)
+    except Exception as err:  # a region it cannot read: compiled as it is, never a broken compile
+        return _unfolded(gm, example_inputs, settings, start, f"the region could not be read ({type(err).__name__}): "
+                         "compiled without folding")
     if training is not None:
         return _unfolded(gm, example_inputs, settings, start, f"the region runs in training mode ({training.name}): "
                          "compiled without folding, so it keeps training semantics (BN statistics advance once per "
@@ -252,10 +256,17 @@ def fxreparam_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
 
 def _unfolded(gm: fx.GraphModule, inputs: Sequence[Any], settings: Settings, start: float, note: str
               ) -> Callable[..., Any]:
-    """The region compiled as Dynamo gave it, with a report that says why."""
-    counts = count_ops(gm)
+    """The region compiled as Dynamo gave it, with a report that says why (where the report cannot be made, the
+    region is compiled all the same: a report never breaks a compile)."""
+    try:
+        counts = count_ops(gm)  # before the inner compiler sees the graph
+    except Exception as err:
+        log.info("fxreparam backend: no report for an unfolded region (%s: %s)", type(err).__name__, err)
+        counts = None
     tick = time.perf_counter()
     compiled = compile_with(settings.inner, gm, inputs)
+    if counts is None:
+        return compiled
     _REPORTS.append(Report(model="torch.compile region", capture="Dynamo's graph, unfolded,", capture_seconds=0.0,
                            optimize_seconds=tick - start, passes=[], refusals=[], before=counts, after=counts,
                            verification=None, verification_note="not applicable: the region was compiled unfolded",

@@ -18,6 +18,7 @@ __all__ = [
     "channels_last",
     "clean_path",
     "concrete_shape",
+    "device_recorded",
     "fetch_attr",
     "forget_shape",
     "module_path",
@@ -99,6 +100,12 @@ def storage(node: fx.Node) -> Storage | None:
         return None
     device = meta.device if isinstance(meta, torch.Tensor) else torch.device("cpu")
     return meta.dtype, device
+
+
+def device_recorded(node: fx.Node) -> bool:
+    """Whether capture recorded the device of ``node``'s value (export's and Dynamo's fake tensors do; ShapeProp's
+    ``tensor_meta`` does not, and :func:`storage` then says ``cpu``)."""
+    return any(isinstance(node.meta.get(key), torch.Tensor) for key in _META_KEYS)
 
 
 def forget_shape(node: fx.Node) -> None:

@@ -821,10 +821,11 @@ def symmetric_crop(node: fx.Node, spatial_dims: int) -> tuple[fx.Node, tuple[int
 
 
 _FUNCTIONAL_DROPOUT = (("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+_FUNCTIONAL_ALPHA_DROPOUT = (_FUNCTIONAL_DROPOUT[0], {**_FUNCTIONAL_DROPOUT[1], "training": False})  # their default
 _ATEN_DROPOUT = (("input", "p", "train"), {})
 _DROPOUT_FUNCTIONS: dict[Any, tuple[tuple[str, ...], dict[str, Any]]] = {
-    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
-                    _FUNCTIONAL_DROPOUT),
+    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d, F.dropout3d), _FUNCTIONAL_DROPOUT),
+    **dict.fromkeys((F.alpha_dropout, F.feature_alpha_dropout), _FUNCTIONAL_ALPHA_DROPOUT),
     **dict.fromkeys((torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout),
                     _ATEN_DROPOUT),
 }

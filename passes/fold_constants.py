@@ -17,7 +17,7 @@ from torch import fx
 
 from fxreparam import cost, evaluate, ops
 from fxreparam.graph import position
-from fxreparam.meta import storage
+from fxreparam.meta import device_recorded, storage
 from fxreparam.registry import PassContext, register_pass
 
 _aten = torch.ops.aten
@@ -29,15 +29,15 @@ def metadata_reads(node: fx.Node) -> list[fx.Node]:
     """The inputs ``node`` reads for their dtype and device only, not their values: the template of ``new_full``
     / ``new_zeros`` / ``new_ones`` with a size of plain ints, and ``type_as``'s second argument. (A recognizer:
     it belongs in :mod:`fxreparam.ops` once that file takes it.) Only inputs whose dtype and device capture
-    recorded are named."""
+    recorded are named (a fake tensor: ShapeProp's metadata holds no device)."""
     args = node.args
     if (node.target in _TEMPLATE_FACTORIES or (node.op == "call_method" and node.target in _TEMPLATE_METHODS)) \
             and len(args) >= 2 and isinstance(args[0], fx.Node) and isinstance(args[1], (list, tuple)) \
             and all(isinstance(d, int) for d in args[1]):
-        return [args[0]] if storage(args[0]) is not None else []
+        return [args[0]] if device_recorded(args[0]) else []
     is_type_as = node.target is _aten.type_as.default or (node.op == "call_method" and node.target == "type_as")
     read = args[1] if is_type_as and len(args) == 2 else None
-    return [read] if isinstance(read, fx.Node) and storage(read) is not None else []
+    return [read] if isinstance(read, fx.Node) and device_recorded(read) else []
 
 
 def _constant_nodes(graph: fx.Graph) -> set[fx.Node]:

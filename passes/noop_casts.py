@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxreparam.meta import concrete_shape, storage
+from fxreparam.meta import concrete_shape, device_recorded, storage
 from fxreparam.mutation import WRITTEN
 from fxreparam.registry import PassContext, register_pass
 
@@ -37,16 +37,17 @@ def cast_source(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _device_known(node: fx.Node) -> bool:
-    """Whether capture recorded the device of ``node``'s value (a fake tensor does; ShapeProp's metadata does not)."""
-    return any(isinstance(node.meta.get(key), torch.Tensor) for key in ("val", "example_value"))
+def _reads_dtype(arg: Any) -> bool:
+    """Whether ``arg`` is a graph value that is a dtype (``x.dtype`` traced): it cannot name a device."""
+    return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is getattr and \
+        len(arg.args) == 2 and arg.args[1] == "dtype"
 
 
 def _names_only_dtypes(node: fx.Node) -> bool:
-    """Whether every argument after the input is a dtype, a flag, a layout or a memory format (or a node, such as
-    ``x.dtype`` or ``type_as``'s tensor): nothing that could name a device."""
+    """Whether every argument after the input is a dtype (``x.dtype`` included), a flag, a layout or a memory format:
+    nothing that could name a device (another node could: ``x.to(w.device)``, ``x.to(y)``, ``x.type_as(y)``)."""
     rest: list[Any] = [*node.args[1:], *node.kwargs.values()]
-    return all(isinstance(a, (*_PLAIN_ARGS, fx.Node)) for a in rest) and "device" not in node.kwargs
+    return all(isinstance(a, _PLAIN_ARGS) or _reads_dtype(a) for a in rest) and "device" not in node.kwargs
 
 
 def why_not_noop(node: fx.Node, source: fx.Node) -> str | None:
@@ -58,7 +59,7 @@ def why_not_noop(node: fx.Node, source: fx.Node) -> str | None:
         return f"it casts {before} to {after}"
     if concrete_shape(node) != concrete_shape(source):
         return "its shape differs from its input's"
-    if not (_device_known(node) and _device_known(source)) and not _names_only_dtypes(node):
+    if not (device_recorded(node) and device_recorded(source)) and not _names_only_dtypes(node):
         return "capture did not record the devices, and it may move the value"
     return None
 

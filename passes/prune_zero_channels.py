@@ -80,7 +80,7 @@ def prune_zero_channels(ctx: PassContext, node: fx.Node) -> bool:
     try:
         layers, passed = _consumers(ctx, node, layer.out_channels, layer.spec.channel_dim(out_rank))
     except NotExact as why:
-        raise NotExact(f"{ctx.label(node, 'layer')}: {int(zero.sum())} zero output channels kept: {why}") from None
+        raise type(why)(f"{ctx.label(node, 'layer')}: {int(zero.sum())} zero output channels kept: {why}") from None
     for consumer, span in layers:
         columns = keep.repeat_interleave(span)
         emit(ctx.gm, consumer.spec, consumer.weight[:, columns], consumer.bias, input=consumer.input,

@@ -81,3 +81,19 @@ def test_every_eval_dropout_variant_goes_and_unblocks_the_conv_bn_fold(variant, 
         assert (folded(x) - model(x)).abs().max() < 1e-5
     assert not any("dropout" in str(n.target) for n in folded.graph.nodes)
     assert fxreparam.report(folded).after.batch_norm == 0
+
+
+class _AlphaByDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.feature_alpha_dropout(F.alpha_dropout(x, 0.1), 0.1))  # training defaults to False here
+
+
+def test_functional_alpha_dropouts_go_at_their_own_default():
+    """``F.alpha_dropout`` and ``F.feature_alpha_dropout`` default to ``training=False`` (unlike ``F.dropout``): called
+    without it they are the identity, and go."""
+    run = run_pass("inference_identities", _AlphaByDefault(), torch.randn(2, 4))
+    assert (run.rewrites, run.error) == (2, 0.0)

@@ -39,12 +39,21 @@ class _LoraNet(nn.Module):
 def test_lora_casts_go_and_every_batch_norm_folds():
     model = randomize_batch_norms(_LoraNet()).eval()
     x = torch.randn(2, 3, 8, 8)
-    for method in ("export", "symbolic_trace"):
-        folded = fxreparam.optimize(model, x, capture=method)
-        rep = fxreparam.report(folded)
-        assert rep.after.batch_norm == 0, (method, rep)
-        assert rep.rewrites["noop_casts"] >= 4
-        assert not any(cast_source(n) for n in folded.graph.nodes)
+    folded = fxreparam.optimize(model, x, capture="export")
+    rep = fxreparam.report(folded)
+    assert rep.after.batch_norm == 0, rep
+    assert rep.rewrites["noop_casts"] >= 4
+    assert not any(cast_source(n) for n in folded.graph.nodes)
+
+
+def test_without_recorded_devices_only_casts_that_cannot_move_a_value_go():
+    """symbolic_trace records no devices: ``.to(x.dtype)`` and ``.float()`` go, ``type_as(x)`` (which moves to x's
+    device) stays, and the BN behind it with it."""
+    model = randomize_batch_norms(_LoraNet()).eval()
+    folded = fxreparam.optimize(model, torch.randn(2, 3, 8, 8), capture="symbolic_trace")
+    rep = fxreparam.report(folded)
+    assert rep.after.batch_norm == 1 and rep.rewrites["noop_casts"] >= 3
+    assert [n.target for n in folded.graph.nodes if cast_source(n)] == ["type_as"]
 
 
 def test_folded_model_converts_to_double_as_the_original_does():

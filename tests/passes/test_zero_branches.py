@@ -42,3 +42,22 @@ class _Broadcast(nn.Module):
 def test_zero_term_that_broadcasts_stays():
     run = run_pass("zero_branches", _Broadcast(), torch.randn(2, 4), torch.randn(8))
     assert run.rewrites == 0 and run.error == 0.0
+
+
+class _WrittenLater(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.zero = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        nn.init.zeros_(self.zero.weight), nn.init.zeros_(self.zero.bias)
+
+    def forward(self, x):
+        a = self.base(x)
+        y = a + self.zero(x)  # a fresh tensor: the write into a below must not reach it
+        a.relu_()
+        return y * 2 + a
+
+
+def test_a_kept_operand_written_in_place_later_stays_summed():
+    """``y = a + 0`` is a fresh tensor; were ``y`` replaced by ``a``, ``a.relu_()`` would write into it too."""
+    run = run_pass("zero_branches", _WrittenLater(), torch.randn(2, 3, 4, 4))
+    assert run.rewrites == 0 and run.error == 0.0
