@@ -195,6 +195,9 @@ def torchvision_model():
             model = getattr(torchvision.models, name)(weights=None)
             with torch.no_grad():  # statistics of real batches: with random ones, activations grow to 1e6 and ReLU6
                 calibrate_batch_norms(model, torch.randn(8, 3, 32, 32))  # reads their float32 rounding as signal
+                for m in model.modules():  # torchvision zero-inits the classifier's bias; training moves it, and an
+                    if isinstance(m, nn.Linear) and m.bias is not None:  # all-zero bias is rightly not stored
+                        m.bias.normal_(0, 0.01)
             x = torch.randn(2, 3, 32, 32)
             cache[name] = (model.eval(), fxreparam.optimize(model.eval(), x), x)
         return cache[name]
