@@ -93,6 +93,12 @@ class Report:
     def rewrites(self) -> dict[str, int]:
         return {p.name: p.rewrites for p in self.passes}
 
+    @property
+    def costlier(self) -> str | None:
+        """Where the result costs more than the graph it was given (:func:`fxreparam.cost.result_costlier`), or
+        ``None``: the whole-result guarantee, as the report's whole-result line states it."""
+        return result_costlier(_footprint(self.before), _footprint(self.after), precomputed=self.precomputed)
+
     def __str__(self) -> str:
         lines = [f"fxreparam report for {self.model}",
                  f"captured with {self.capture} in {self.capture_seconds:.2f} s; passes and checks "
