@@ -331,10 +331,6 @@ def test_random_models_fold_exactly_or_are_left_alone(dims, ops, dtype, capture,
         problem = mismatch(run(reference, inputs), run(folded, inputs), tol, dims)
         assert problem is None, f"{layout} {tuple(inputs.shape)}: {problem}"
     assert rep.after.conv <= rep.before.conv + sum(kind == "pool" for kind, *_ in ops)
-    # The whole-result guarantee. Known exception, open (issue 21): pool_as_conv turns a lone average pool and its BN
-    # into a depthwise conv that stores more than the BN did, also where no later fold absorbs it (the core warns).
-    if not any(kind == "pool" for kind, *_ in ops):
-        assert rep.costlier is None, rep.costlier
     if batch is not None:  # another batch size at call time: the model's result or a clear error, never a wrong one
         z = torch.randn((3, *shape[1:]), dtype=dtype)
         try:
