@@ -1,5 +1,6 @@
 """The report: refusals for exactness apart from declines for cost, and the whole result against its input."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,14 @@ def test_precomputed_constants_are_shown_and_allowed_within_their_count():
     assert len(lines) == 1 and "precomputed constants: 8 stored elements (budget: 1% of the input's)" in lines[0]
     assert result_costlier(Footprint(1000, 50), Footprint(1008, 50), precomputed=8) is None
     assert "stored elements 1,009 > 1,008" in result_costlier(Footprint(1000, 50), Footprint(1009, 50), precomputed=8)
+
+
+def test_report_costlier_states_the_whole_result_guarantee():
+    folded = fxreparam.optimize(randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval(),
+                                torch.randn(2, 3, 6, 6))
+    assert fxreparam.report(folded).costlier is None
+    # A lone average pool and its BN made a depthwise conv (open, issue 21): the report says what grew.
+    with pytest.warns(UserWarning, match="costs more than its input"):
+        pooled = fxreparam.optimize(randomize_batch_norms(nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(4)))
+                                    .eval(), torch.randn(2, 4, 6, 6))
+    assert "stored elements 40 > 16" in fxreparam.report(pooled).costlier
