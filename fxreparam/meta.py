@@ -58,15 +58,7 @@ def rank(node: fx.Node) -> int | None:
 def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
     """A node's shape at capture, symbolic sizes (a dynamic batch) replaced by their example values."""
     shape = getattr(_meta_tensor(node), "shape", None)
-    if shape is None:
-        return None
-    out = []
-    for d in shape:
-        hint = d.node.hint if isinstance(d, torch.SymInt) else d
-        if not isinstance(hint, int):
-            return None
-        out.append(int(hint))
-    return tuple(out)
+    return None if shape is None else _hinted(shape)
 
 
 def _hinted(sizes: Any) -> tuple[int, ...] | None:
