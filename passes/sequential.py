@@ -4,15 +4,17 @@
 - pointwise 1x1 then kxk (DBB's 1x1-kxk branch): exact when the kxk does not zero-pad, when the
   1x1 has no bias, or when the tensor between them is padded with exactly the 1x1's bias (DBB's
   BN-and-pad, recognized by value); the pair becomes one kxk conv padding its input.
-- an exact average pool counts as a depthwise kxk (DBB's 1x1-avg branch); Linear then Linear.
+- an exact average pool counts as a depthwise kxk (DBB's 1x1-avg branch); Linear then Linear (any input rank).
 The pair composes per group (a grouped 1x1 then a kxk with the same groups stays grouped). It
-folds where the result costs no more than the two layers, or where a larger conv of the same
-input in the same sum will absorb it (``branch_sum`` then merges it into a conv that is there anyway). That
-composition is provisional: if the sum does not fold after all, ``settle_provisional`` restores the pair.
+folds where the result costs no more than the two layers, or where a layer of the same input in the
+same sum will absorb it (a conv at least as large; a linear of the same width, LoRA's base layer):
+``branch_sum`` then merges it into a layer that is there anyway. That composition is provisional: if
+the sum does not fold after all, ``settle_provisional`` restores the pair.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -47,21 +49,34 @@ def _positions(layer: Layer) -> int:
     return cost.node_positions(layer.node, layer.spec.channel_dim(len(shape))) if shape is not None else 1
 
 
-def _absorbed(gm: fx.GraphModule, node: fx.Node, source: fx.Node, kernel_size: tuple[int, ...], spec: ConvSpec
-              ) -> bool:
-    """Whether ``node`` is a term of a sum that also holds a conv of ``source`` at least as large as the composed
-    kernel (same stride, groups dividing), so that merging the composition into it costs nothing."""
+def _absorbed(node: fx.Node, fits: Callable[[fx.Node], bool]) -> bool:
+    """Whether ``node`` is a term of a sum that also holds a term ``fits`` accepts: a layer of the same input that
+    the composition merges into at no cost (``branch_sum``; docs/identities.md s3)."""
     root = node
     while len(root.users) == 1 and (b := ops.binary(next(iter(root.users)))) is not None and b.op in ("add", "sub"):
         root = next(iter(root.users))
     if root is node or not branches.sum_root(root):
         return False
-    for term, _ in branches.sum_terms(root):
-        b = branches.as_branch(gm, term) if isinstance(term, fx.Node) and term is not node else None
-        if (b is not None and b.from_conv and b.input is source and b.spec.stride == spec.stride
-                and spec.groups % b.spec.groups == 0 and all(k >= c for k, c in zip(b.kernel_size, kernel_size))):
-            return True
-    return False
+    return any(isinstance(term, fx.Node) and term is not node and fits(term) for term, _ in branches.sum_terms(root))
+
+
+def _absorbs_conv(gm: fx.GraphModule, source: fx.Node, kernel_size: tuple[int, ...], spec: ConvSpec
+                  ) -> Callable[[fx.Node], bool]:
+    """A term that is a conv of ``source`` at least as large as the composed kernel (same stride, groups dividing)."""
+    def fits(term: fx.Node) -> bool:
+        b = branches.as_branch(gm, term)
+        return (b is not None and b.from_conv and b.input is source and b.spec.stride == spec.stride
+                and spec.groups % b.spec.groups == 0 and all(k >= c for k, c in zip(b.kernel_size, kernel_size)))
+    return fits
+
+
+def _absorbs_linear(gm: fx.GraphModule, source: fx.Node, width: int) -> Callable[[fx.Node], bool]:
+    """A term that is a linear layer of ``source`` whose output the composed ``width`` outputs sum into (equal,
+    or broadcast from one), so that the merged layer has its shape (LoRA's base layer)."""
+    def fits(term: fx.Node) -> bool:
+        layer = ops.linear(gm, term)
+        return layer is not None and layer.input is source and width in (1, layer.weight.shape[0])
+    return fits
 
 
 def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
@@ -102,7 +117,7 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
                             _planned_cost(shape, has_bias, _positions(outer)))
     restorable = border is None and ops.conv(gm, inner.node) is not None and ops.conv(gm, outer.node) is not None
-    if why is not None and not (_absorbed(gm, outer.node, inner.input, tuple(shape[2:]), spec)
+    if why is not None and not (_absorbed(outer.node, _absorbs_conv(gm, inner.input, tuple(shape[2:]), spec))
                                 and not (restorable and outer.node.meta.get(SPECULATION_UNDONE))):
         if ops.conv(gm, outer.node) is None:
             return False  # a conv then a plain pooling: no structure to fold, nothing to report
@@ -133,20 +148,27 @@ def _planned_cost(shape: tuple[int, ...], has_bias: bool, positions: int) -> cos
 
 
 def _fold_linear_pair(ctx: PassContext, outer: Layer) -> bool:
-    inner = ops.linear(ctx.gm, outer.input)
+    """Linear then Linear (any input rank, both on the last dim) as one: where no costlier, or provisionally where
+    a linear of the same input in the same sum absorbs the product (LoRA's ``base(x) + B(A(x))``)."""
+    gm = ctx.gm
+    inner = ops.linear(gm, outer.input)
     if inner is None or len(outer.input.users) != 1:
         return False
     shape, _ = algebra.composed_shape(outer.weight.shape, 1, inner.weight.shape, 1)
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, 1), cost.kernel_cost(outer.weight,
                                                                                             outer.bias, 1)],
                             _planned_cost(shape, outer.bias is not None or inner.bias is not None, 1))
-    if why is not None:
+    if why is not None and (outer.node.meta.get(SPECULATION_UNDONE)
+                            or not _absorbed(outer.node, _absorbs_linear(gm, inner.input, shape[0]))):
         raise Costlier(f"{ctx.label(inner.node, 'linear')} then {ctx.label(outer.node, 'linear')}: not composed: "
-                       f"{why}", outer.node)
+                       f"{why}, and no linear of the same input in the same sum absorbs it", outer.node)
+    record = _provisional(inner, outer) if why is not None else None
     weight, _ = algebra.compose(outer.weight, 1, inner.weight, 1)
     bias = algebra.compose_bias(outer.weight, outer.bias, 1, inner.bias)
-    emit(ctx.gm, outer.spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
-         name=outer.name, at=inner.node)
+    new = emit(gm, outer.spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
+               name=outer.name, at=inner.node)
+    if record is not None:  # costlier than the pair: it pays only if the sum absorbs it (else settle_provisional)
+        mark_provisional(new, replace(record, target=str(new.target)))
     return True
 
 

@@ -78,3 +78,64 @@ def test_linear_pair_composes_when_cheaper():
     assert run.rewrites == 0  # 8*2 + 2*3 = 22 < 8*3 = 24
     run = run_pass("sequential", nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 2)), torch.randn(4, 3))
     assert (run.rewrites, run.count("linear"), run.error < 1e-6) == (1, 1, True)
+
+
+class _LowRankLinear(nn.Module):
+    """``base(x) + B(A(x))`` on the last dim (LoRA on a Linear): the product is 16x16, larger than A and B, but the
+    base layer of the same input and width absorbs it."""
+
+    def __init__(self, shared: bool = False, other_input: bool = False) -> None:
+        super().__init__()
+        self.base, self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 2, bias=False), nn.Linear(2, 16, bias=False)
+        self.shared, self.other_input = shared, other_input
+
+    def forward(self, x):
+        y = self.base(x.flip(-1) if self.other_input else x)
+        out = y + self.b(self.a(x))
+        return (out, y.mean()) if self.shared else out
+
+
+def _run_to_fixpoint(model: nn.Module, x: torch.Tensor, names: list[str]):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fxreparam.pipeline import run_passes
+    from fxreparam.registry import resolve
+
+    gm = torch.fx.symbolic_trace(model.eval())
+    ShapeProp(gm).propagate(x)
+    log = run_passes(gm, resolve(names))
+    gm.recompile()
+    return gm, log
+
+
+def test_linear_pair_a_summed_linear_absorbs_is_composed_provisionally():
+    from fxreparam.graph import provisional
+
+    run = run_pass("sequential", _LowRankLinear(), torch.randn(2, 5, 16))  # a rank-3 input: tokens
+    assert (run.rewrites, run.count("linear"), run.error < 1e-6) == (1, 2, True)
+    composed = [n for n in run.gm.graph.nodes if provisional(n) is not None]  # restorable until the sum folds
+    assert [tuple(run.gm.get_submodule(str(n.target)).weight.shape) for n in composed] == [(16, 16)]
+
+
+def test_linear_pair_a_summed_linear_absorbs_folds_into_it():
+    model, x = _LowRankLinear().eval(), torch.randn(2, 5, 16)
+    gm, log = _run_to_fixpoint(model, x, ["sequential", "branch_sum", "cleanup", "settle_provisional"])
+    (layer,) = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert tuple(layer.weight.shape) == (16, 16) and log.stats["settle_provisional"].rewrites == 0
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_linear_pair_restored_when_the_sum_does_not_fold():
+    model, x = _LowRankLinear(shared=True).eval(), torch.randn(4, 16)  # the base's output is also read alone
+    gm, log = _run_to_fixpoint(model, x, ["sequential", "branch_sum", "cleanup", "settle_provisional"])
+    assert log.stats["settle_provisional"].rewrites == 1 and not log.unsettled
+    shapes = sorted(tuple(m.weight.shape) for m in gm.modules() if isinstance(m, nn.Linear))
+    assert shapes == [(2, 16), (16, 2), (16, 16)]  # the pair again, not a second 16x16
+    assert any("not composed" in r.reason and "absorbs" in r.reason for r in log.refusals)
+    torch.testing.assert_close(gm(x)[0], model(x)[0])
+
+
+def test_linear_pair_nothing_absorbs_is_refused_as_costlier():
+    run = run_pass("sequential", _LowRankLinear(other_input=True), torch.randn(4, 16))  # base reads another tensor
+    assert run.rewrites == 0 and "no linear of the same input" in run.reasons
+    assert all(r.declined for r in run.refusals)
