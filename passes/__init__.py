@@ -13,6 +13,7 @@ from . import (
     fold_constants,
     identity,
     inference_identities,
+    linear_combination,
     noop_casts,
     pool_as_conv,
     provisional,
@@ -31,6 +32,7 @@ __all__ = [
     "fold_constants",
     "identity",
     "inference_identities",
+    "linear_combination",
     "noop_casts",
     "pool_as_conv",
     "provisional",
@@ -50,6 +52,9 @@ BUILTIN_ORDER: tuple[str, ...] = (
     "sequential",            # 1x1-kxk, kxk-1x1, linear-linear pairs -> one layer
     "branch_sum",            # summed conv / BN / pool branches of one input -> one conv
     "identity",              # x + f(x) -> f's conv with a Dirac kernel added
+    "linear_combination",    # sum c_i * f_i(x) with a layer read twice or a chain (DoRA) -> one layer; after
+                             # branch_sum and identity so plain sums keep their rules, and conv_bn runs on its
+                             # result in the next round
     "concat_convs",          # convs of one input concatenated on channels -> one conv
     "prune_zero_channels",   # all-zero output channels -> removed with the inputs that read them
     "cleanup",               # dead nodes and unread tensors -> gone
