@@ -304,7 +304,8 @@ def fold_combination(ctx: PassContext, root: fx.Node) -> bool:
     bias = combination.const if first.bias is None else algebra.exact(first.bias) + combination.const
     merged[0] = replace(first, bias=bias if bool(bias.any()) or first.bias is not None else None)
     removed = _removed(set(inner), terms)
-    new_ops = len(merged) + len(others) + sum(abs(c) != 1.0 for _, c in others)
+    parts = len(merged) + len(others)  # the new layers and kept terms, summed by parts - 1 adds
+    new_ops = len(merged) + parts - 1 + sum(abs(c) != 1.0 for _, c in others)
     if new_ops >= len(set(inner)) + len(removed):
         return False  # nothing to gain in executed ops (the tree is already one layer per input)
     positions = _positions(root, channel_dim)

@@ -157,6 +157,27 @@ def test_kernels_of_different_sizes_merge_centered():
     assert (run.rewrites, conv.kernel_size, run.error < 1e-6) == (1, (3, 3), True)
 
 
+class _PaddedAfterBias(nn.Module):
+    """``y + 0.5 * y + B(A(x))`` with A a 1x1 with a bias and B a zero-padded 3x3: B's border taps read 0 where A
+    would give its bias, so the chain is not one conv (REPARAM §6)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        nn.init.uniform_(self.a.bias, 0.5, 1.0)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + 0.5 * y + self.b(self.a(x))
+
+
+def test_a_chain_that_does_not_compose_exactly_stays_two_layers():
+    run = run_pass("linear_combination", _PaddedAfterBias(), torch.randn(1, 4, 6, 6))
+    assert (run.rewrites, run.count("conv"), run.count("mul_div"), run.error < 1e-6) == (1, 3, 0, True)
+
+
 class _PlainSum(nn.Module):
     def __init__(self):
         super().__init__()
