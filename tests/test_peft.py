@@ -49,3 +49,45 @@ def test_lora_casts_do_not_block_the_batch_norm_folds():
     model = _adapted(dora=False)
     rep = fxreparam.report(fxreparam.optimize(model, torch.randn(2, 3, 8, 8)))
     assert rep.after.batch_norm == 0, str(rep)
+
+
+def _merge_measures():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import peft_merge
+
+    return peft_merge
+
+
+def _small_vit() -> tuple[nn.Module, torch.Tensor]:
+    """A 2-block timm ViT at 32x32 pixels (the benchmark's vit_tiny, small enough for seconds), biases non-zero."""
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    model = vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                                 num_classes=10)
+    return _merge_measures().trained_biases(model).eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("r", "adapters"), [(4, 1), (8, 2)])
+def test_lora_on_a_vit_folds_to_merge_and_unload(r, adapters):
+    """Each LoRA product is composed and summed into its base Linear (issue 22): no more ops than peft's own
+    merge, at most 1.05x its stored elements, exact."""
+    pm = _merge_measures()
+    base, x = _small_vit()
+    m = pm.measure_merge(pm.with_lora(base, pm.VIT_TARGETS, r, adapters), x)
+    (adapted, merged, folded), (_, merged_elements, folded_elements) = m.ops, m.elements
+    assert adapted["linear"] > merged["linear"] == 9  # 2 blocks x (qkv, proj, fc1, fc2) and the head
+    assert (folded["linear"], folded["conv"]) <= (merged["linear"], merged["conv"]), (m.ops, m.elements)
+    assert folded["macs"] <= merged["macs"] and folded_elements <= 1.05 * merged_elements, (m.ops, m.elements)
+    assert m.errors[1] < 1e-5
+
+
+def test_two_lora_adapters_on_a_linear_bn_mlp_fold_to_merge_and_unload():
+    pm = _merge_measures()
+    base, x = pm.mlp()
+    m = pm.measure_merge(pm.with_lora(base, ["fcs.0", "fcs.1", "fcs.2", "fcs.3"], 8, 2), x)
+    (adapted, merged, folded), (_, merged_elements, folded_elements) = m.ops, m.elements
+    assert (adapted["linear"], merged["linear"], folded["linear"]) == (20, 4, 4)
+    assert folded["batch_norm"] == 0 and folded_elements <= 1.05 * merged_elements and m.errors[1] < 1e-5
