@@ -212,10 +212,12 @@ class _Merged:
 def _merge_group(ctx: PassContext, root: fx.Node, source: fx.Node, group: list[_Term],
                  coefs: dict[fx.Node, torch.Tensor]) -> _Merged:
     """The terms of ``source`` summed into one kernel (convs aligned as REPARAM §3 aligns them), or NotExact."""
-    where = f"{ctx.label(root, 'sum')}"
+    where = ctx.label(root, "sum")
     why = why_reads_differ(source)
     if why is not None:
         raise NotExact(f"{where}: {why}", root)
+    if len({t.branch is None for t in group}) > 1:
+        raise NotExact(f"{where}: convs and linear layers of {source.name} do not share one kernel", root)
     scaled = [_scaled(t, coefs[t.leaf]) for t in group]
     if group[0].branch is None:
         biases = [b for _, b, _ in scaled if b is not None]
@@ -277,8 +279,7 @@ def _others(leaves: dict[fx.Node, torch.Tensor], terms: list[_Term], root: fx.No
         if not bool((coef == coef[0]).all()):
             raise NotExact(f"{ctx.label(root, 'sum')}: the term {leaf.name} is not a layer, and its coefficient "
                            "varies per channel", root)
-        if float(coef[0]) != 0.0:
-            out.append((leaf, float(coef[0])))
+        out.append((leaf, float(coef[0])))  # kept at 0 too: 0 * inf is nan, as the tree computes it
     return out
 
 
