@@ -1,7 +1,9 @@
 """Helpers for testing folds honestly: one pass on a small graph, and batch norms with real statistics.
 
-:func:`run_pass` traces a small model, runs one registered pass on it and measures how far the
-rewritten graph is from the model, so each pass has a test of its own that runs in milliseconds.
+:func:`run_pass` captures a small model as ``optimize`` does (``torch.export`` by default, so a pass sees the
+aten graph users get; ``capture="symbolic_trace"`` for the module-call form), runs one registered pass on it and
+measures how far the rewritten graph is from the model, so each pass has a test of its own that runs in
+milliseconds.
 A BatchNorm fresh from its constructor (mean 0, var 1, gamma 1, beta 0) is the identity up to eps
 and hides a wrong fold; every test and example gives them random values first.
 """
@@ -14,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
-from .capture import symbolic_trace
+from .capture import capture as capture_graph
 from .pipeline import run_passes
 from .registry import Refusal, resolve
+from .verify import fresh_copies
 
 __all__ = ["PassRun", "calibrate_batch_norms", "executed_ops", "randomize_batch_norms", "run_pass"]
 
@@ -40,7 +42,8 @@ class PassRun:
         return sum(ops.op_kind(self.gm, n) == kind for n in self.gm.graph.nodes)
 
     def layers(self, kind: type[nn.Module] = nn.Module) -> list[nn.Module]:
-        """The modules of type ``kind`` that the rewritten graph calls, in graph order."""
+        """The modules of type ``kind`` that the rewritten graph calls, in graph order: in an export graph only the
+        layers a pass emitted (export's own ops are aten calls; :meth:`count` counts both forms)."""
         called = [self.gm.get_submodule(str(n.target)) for n in self.gm.graph.nodes if n.op == "call_module"]
         return [m for m in called if isinstance(m, kind)]
 
@@ -49,18 +52,21 @@ class PassRun:
         return " | ".join(r.reason for r in self.refusals)
 
 
-def run_pass(name: str, model: nn.Module, *inputs: torch.Tensor, randomize: bool = True) -> PassRun:
-    """Trace ``model`` (eval mode; shapes recorded from ``inputs``), run the pass ``name`` alone to a fixpoint,
-    and measure the largest elementwise error of the rewritten graph against ``model``, relative to each
-    output's scale. With ``randomize`` BatchNorms get random statistics first."""
+def run_pass(name: str, model: nn.Module, *inputs: torch.Tensor, randomize: bool = True,
+             capture: str = "export") -> PassRun:
+    """Capture ``model`` (eval mode) on ``inputs`` with fxreparam's own capture, run the pass ``name`` alone to a
+    fixpoint, and measure the largest elementwise error of the rewritten graph against ``model``, relative to each
+    output's scale. ``capture``: ``"export"`` (what ``optimize`` captures given example inputs: aten ops, functional) or
+    ``"symbolic_trace"`` (module calls, in-place ops as written). With ``randomize`` BatchNorms get random
+    statistics first."""
     model = copy.deepcopy(model)
     model = (randomize_batch_norms(model) if randomize else model).eval()
-    gm = symbolic_trace(model)
-    ShapeProp(gm).propagate(*inputs)
+    gm = capture_graph(model, fresh_copies(inputs), None, capture).gm
     log = run_passes(gm, resolve(name))
     gm.recompile()
-    with torch.no_grad():
-        want, got = pytree.tree_leaves(model(*inputs)), pytree.tree_leaves(gm(*inputs))
+    with torch.no_grad():  # each run on its own copy: a model that writes into its input must not feed the next
+        want = pytree.tree_leaves(model(*fresh_copies(inputs)))
+        got = pytree.tree_leaves(gm(*fresh_copies(inputs)))
     error = max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for w, g in zip(want, got))
     return PassRun(gm, sum(s.rewrites for s in log.stats.values()), log.refusals, error)
 
