@@ -2,6 +2,7 @@
 executed ops and 1.05x its stored elements, exactly (the ``linear_combination`` pass)."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,18 +39,25 @@ class _TokenMlp(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
 
 
-def _dora(base: nn.Module, targets: list[str]) -> nn.Module:
+def _dora(base: nn.Module, targets: list[str], adapters: int = 1) -> nn.Module:
+    """``base`` with ``adapters`` trained-looking (non-zero) DoRA adapters active at once on ``targets``."""
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False)
-    return peft.get_peft_model(copy.deepcopy(randomize_batch_norms(base)), config).eval()
+    model = peft.get_peft_model(copy.deepcopy(randomize_batch_norms(base)), config)
+    names = ["default"] + [f"extra{i}" for i in range(1, adapters)]
+    for name in names[1:]:
+        model.add_adapter(name, replace(config, r=2, lora_alpha=4))
+    model.base_model.set_adapter(names)
+    return model.eval()
 
 
 @pytest.mark.parametrize(("base", "targets", "shape"), [
     (_ConvNet, ["conv1", "conv2", "fc"], (2, 3, 8, 8)),
     (_TokenMlp, ["fc1", "fc2"], (2, 5, 12)),
 ], ids=["convs", "token-linears"])
-def test_dora_folds_to_at_most_merge_and_unload(base, targets, shape):
-    model, x = _dora(base(), targets), torch.randn(*shape)
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_dora_folds_to_at_most_merge_and_unload(base, targets, shape, adapters):
+    model, x = _dora(base(), targets, adapters), torch.randn(*shape)
     merged = copy.deepcopy(model).merge_and_unload().eval()
     folded = fxreparam.optimize(model, x)
     got, want = executed_ops(folded, x), executed_ops(merged, x)
