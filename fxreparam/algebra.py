@@ -32,6 +32,7 @@ __all__ = [
     "scale_input_channels",
     "scale_output_channels",
     "shift_through_kernel",
+    "sum_centered",
     "sum_kernels",
     "undilate",
 ]
@@ -44,6 +45,25 @@ def exact(t: torch.Tensor) -> torch.Tensor:
     """The tensor in float64 (complex stays complex), detached: the precision folds are computed in."""
     t = t.detach()
     return t if t.is_complex() else t.to(torch.float64)
+
+
+def _exact_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`exact` gives ``t``."""
+    return t.dtype if t.is_complex() else torch.float64
+
+
+def _times(weight: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``exact(weight) * factor`` (``factor`` float64, broadcast) in one pass: the multiply reads ``weight`` in its
+    own dtype and computes in float64 (the upcast is exact), so no float64 copy of ``weight`` is made first. With
+    ``dtype``, each product is rounded into ``dtype`` as it is written: ``cast_to``'s one rounding, no temporary."""
+    w = weight.detach()
+    if torch.result_type(w, factor) != torch.promote_types(_exact_dtype(w), factor.dtype):
+        w = exact(w)
+    if dtype is None or dtype == torch.result_type(w, factor) or not dtype.is_floating_point:
+        product = torch.mul(w, factor)
+        return product if dtype is None else product.to(dtype)
+    out = torch.empty(torch.broadcast_shapes(w.shape, factor.shape), dtype=dtype, device=w.device)
+    return torch.mul(w, factor, out=out)
 
 
 def cast_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -79,31 +99,34 @@ def _channel_view(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 
 
 def scale_output_channels(
-    weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1, transposed: bool = False
+    weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1, transposed: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Multiply output channel ``o`` of a conv or linear kernel by ``scale[o]`` (REPARAM §1).
 
-    A transposed conv keeps its output channels on weight dim 1, per group.
+    A transposed conv keeps its output channels on weight dim 1, per group. The product is float64; with
+    ``dtype`` it is rounded once into that dtype as it is written (the same values as ``cast_to`` of it).
     """
-    w, s = exact(weight), exact(scale)
+    w, s = weight.detach(), exact(scale)
     if not transposed:
-        return w * _channel_view(s, w.dim(), 0)
+        return _times(w, _channel_view(s, w.dim(), 0), dtype)
     in_ch, out_per_group = w.shape[0], w.shape[1]
     w = w.reshape(groups, in_ch // groups, out_per_group, *w.shape[2:])
     s = s.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 3)))
-    return (w * s).reshape(weight.shape)
+    return _times(w, s, dtype).reshape(weight.shape)
 
 
-def scale_input_channels(weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
+def scale_input_channels(weight: torch.Tensor, scale: torch.Tensor, *, groups: int = 1,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fold ``x * scale`` (per input channel) into the kernel that reads x (REPARAM §2, §8).
 
-    Input channel ``i`` of group ``g`` sits at ``weight[g*O/g : (g+1)*O/g, i - g*I/g]``.
+    Input channel ``i`` of group ``g`` sits at ``weight[g*O/g : (g+1)*O/g, i - g*I/g]``. The product is float64;
+    with ``dtype`` it is rounded once into that dtype as it is written.
     """
-    w, s = exact(weight), exact(scale)
+    w, s = weight.detach(), exact(scale)
     out_ch, in_per_group = w.shape[0], w.shape[1]
-    s = s.reshape(groups, 1, in_per_group)  # [g, 1, I/g]
     w = w.reshape(groups, out_ch // groups, in_per_group, *w.shape[2:])
-    return (w * s.reshape(groups, 1, in_per_group, *([1] * (w.dim() - 3)))).reshape(weight.shape)
+    return _times(w, s.reshape(groups, 1, in_per_group, *([1] * (w.dim() - 3))), dtype).reshape(weight.shape)
 
 
 def shift_through_kernel(weight: torch.Tensor, shift: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
@@ -120,14 +143,26 @@ def shift_through_kernel(weight: torch.Tensor, shift: torch.Tensor, *, groups: i
 
 def center_pad(weight: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
     """Zero-pad a kernel symmetrically to ``kernel_size`` so that the centers align (REPARAM §3)."""
-    w = exact(weight)
-    pads: list[int] = []
-    for have, want in zip(reversed(w.shape[2:]), reversed(list(kernel_size))):
-        extra = want - have
+    w = weight.detach()
+    window = _center(w.shape[2:], kernel_size)
+    if all(s == slice(None) for s in window):
+        return exact(w)
+    out = torch.zeros(*w.shape[:2], *kernel_size, dtype=_exact_dtype(w), device=w.device)
+    out[(slice(None), slice(None), *window)] = w  # the copy upcasts: one pass, no padded float64 temporary
+    return out
+
+
+def _center(have: Sequence[int], kernel_size: Sequence[int]) -> tuple[slice, ...]:
+    """Per spatial dim, where a ``have`` kernel sits centered in a ``kernel_size`` one (``slice(None)``: all of it)."""
+    if len(have) != len(kernel_size):
+        raise ValueError(f"cannot center a {tuple(have)} kernel in {tuple(kernel_size)}")
+    window = []
+    for k, want in zip(have, kernel_size):
+        extra = want - k
         if extra < 0 or extra % 2:
-            raise ValueError(f"cannot center a {tuple(w.shape[2:])} kernel in {tuple(kernel_size)}")
-        pads += [extra // 2, extra // 2]
-    return torch.nn.functional.pad(w, pads) if any(pads) else w
+            raise ValueError(f"cannot center a {tuple(have)} kernel in {tuple(kernel_size)}")
+        window.append(slice(extra // 2, extra // 2 + k) if extra else slice(None))
+    return tuple(window)
 
 
 def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
@@ -135,21 +170,32 @@ def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
 
     ``new_groups`` must divide ``groups``; the result has shape ``[O, I/new_groups, *k]``.
     """
-    w = exact(weight)
     if groups == new_groups:
-        return w
+        return exact(weight)
+    w = weight.detach()
     if groups % new_groups:
         raise ValueError(f"{new_groups} groups do not divide {groups}")
-    out_ch, in_per_group, *k = w.shape
-    out_per_group = out_ch // groups
-    merge = groups // new_groups
-    result = w.new_zeros(out_ch, in_per_group * merge, *k)
-    for g in range(groups):
-        j = g % merge  # position of this group inside its merged block
-        result[g * out_per_group : (g + 1) * out_per_group, j * in_per_group : (j + 1) * in_per_group] = w[
-            g * out_per_group : (g + 1) * out_per_group
-        ]
+    result = torch.zeros(w.shape[0], w.shape[1] * (groups // new_groups), *w.shape[2:], dtype=_exact_dtype(w),
+                         device=w.device)
+    _diagonal_blocks(result, groups, new_groups).copy_(_as_blocks(w, groups, new_groups))
     return result
+
+
+def _diagonal_blocks(kernel: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """A view of the diagonal blocks of ``kernel`` (``[O, I/new_groups, *k]``) that a ``groups``-group kernel fills,
+    ``[new_groups, O/groups, I/groups, *k, m]`` (``m = groups/new_groups``): group ``g`` at ``[g // m, ..., g % m]``."""
+    merge = groups // new_groups
+    out_ch, wide, *k = kernel.shape
+    blocks = kernel.view(new_groups, merge, out_ch // groups, merge, wide // merge, *k)
+    return torch.diagonal(blocks, dim1=1, dim2=3)
+
+
+def _as_blocks(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """``weight`` (``[O, I/groups, *k]``) laid out as :func:`_diagonal_blocks`' view."""
+    merge = groups // new_groups
+    out_ch, in_per_group, *k = weight.shape
+    blocks = weight.reshape(new_groups, merge, out_ch // groups, in_per_group, *k)
+    return blocks.movedim(1, -1)
 
 
 def _block_diagonal(w: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor | None:
@@ -172,9 +218,10 @@ def coarsest_groups(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, in
     """The same conv kernel at the largest group count whose off-diagonal blocks are all zero (REPARAM §9).
 
     A fold that built ``[O, I/g, *k]`` may have produced a block-diagonal kernel (a depthwise branch
-    composed with a depthwise pool); stored with more groups it costs that many times less.
+    composed with a depthwise pool); stored with more groups it costs that many times less. The kernel keeps its
+    dtype (the blocks are selected, not computed): a kernel already in the model's dtype is not copied.
     """
-    w = exact(weight)
+    w = weight.detach()
     out_ch, in_ch = w.shape[0], w.shape[1] * groups
     rest = math.gcd(out_ch, in_ch) // groups if math.gcd(out_ch, in_ch) % groups == 0 else 1
     p = 2
@@ -197,20 +244,45 @@ def undilate(weight: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
 
     A ``k``-tap kernel at dilation ``d`` becomes ``d * (k - 1) + 1`` taps.
     """
-    w = exact(weight)
+    w = weight.detach()
     size = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]
-    out = w.new_zeros(*w.shape[:2], *size)
+    out = torch.zeros(*w.shape[:2], *size, dtype=_exact_dtype(w), device=w.device)
     out[(slice(None), slice(None), *[slice(None, None, d) for d in dilation])] = w
     return out
 
 
 def sum_kernels(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """The kernel of a sum of convs that share stride, padding alignment and groups: the sum of kernels."""
-    if len(weights) == 1:
-        return exact(weights[0]).clone()
-    total = exact(weights[0]) + exact(weights[1])  # a new tensor: the rest add into it in place
-    for w in weights[2:]:
-        total += exact(w)
+    shape = torch.broadcast_shapes(*(w.shape for w in weights))
+    dtype = _exact_dtype(weights[0])
+    for w in weights[1:]:
+        dtype = torch.promote_types(dtype, _exact_dtype(w))
+    total = torch.empty(shape, dtype=dtype, device=weights[0].device)
+    total.copy_(weights[0].detach())  # the copy upcasts; the rest add into it in place, each read once
+    for w in weights[1:]:
+        total.add_(w.detach())
+    return total
+
+
+def sum_centered(kernels: Sequence[tuple[torch.Tensor, int]], groups: int, kernel_size: Sequence[int]
+                 ) -> torch.Tensor:
+    """``sum_kernels([center_pad(regroup(w, g, groups), kernel_size) for w, g in kernels])``, built in one kernel:
+    each ``(weight, its groups)`` added into its diagonal blocks and centered window (REPARAM §3), nothing padded
+    or regrouped on the way, so a merge writes its result once."""
+    first = kernels[0][0]
+    dtype = _exact_dtype(first)
+    for w, _ in kernels[1:]:
+        dtype = torch.promote_types(dtype, _exact_dtype(w))
+    total = torch.zeros(first.shape[0], first.shape[1] * kernels[0][1] // groups, *kernel_size, dtype=dtype,
+                        device=first.device)
+    for i, (w, g) in enumerate(kernels):
+        w = w.detach()
+        if g % groups:
+            raise ValueError(f"{groups} groups do not divide {g}")
+        window = (slice(None), slice(None), *_center(w.shape[2:], kernel_size))
+        target = _diagonal_blocks(total[window], g, groups)
+        source = _as_blocks(w, g, groups)
+        target.copy_(source) if i == 0 else target.add_(source)  # the first is copied: bit for bit the sum
     return total
 
 
@@ -226,21 +298,27 @@ def identity_kernel(channels: int, in_per_group: int, kernel_size: Sequence[int]
 
 
 def affine_after(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, *, groups: int = 1,
-                 transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of ``scale * layer(x) + shift`` (REPARAM §1, §8): ``W * a`` per output, ``b * a + c``."""
+                 transposed: bool = False, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of ``scale * layer(x) + shift`` (REPARAM §1, §8): ``W * a`` per output, ``b * a + c``.
+
+    ``dtype``: the kernel rounded once into it (a fold that stores it as it is); the bias stays float64.
+    """
     scale, shift = exact(affine[0]), exact(affine[1])
     new_bias = (exact(bias) * scale if bias is not None else torch.zeros_like(scale)) + shift
-    return scale_output_channels(weight, scale, groups=groups, transposed=transposed), new_bias
+    return scale_output_channels(weight, scale, groups=groups, transposed=transposed, dtype=dtype), new_bias
 
 
-def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, *, groups: int = 1
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of ``layer(scale * x + shift)`` where every tap reads real input (REPARAM §2)."""
+def affine_before(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, *, groups: int = 1,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of ``layer(scale * x + shift)`` where every tap reads real input (REPARAM §2).
+
+    ``dtype``: the kernel rounded once into it (a fold that stores it as it is); the bias stays float64.
+    """
     scale, shift = exact(affine[0]), exact(affine[1])
     new_bias = shift_through_kernel(weight, shift, groups=groups)
     if bias is not None:
         new_bias = new_bias + exact(bias)
-    return scale_input_channels(weight, scale, groups=groups), new_bias
+    return scale_input_channels(weight, scale, groups=groups, dtype=dtype), new_bias
 
 
 def avg_pool_kernel(channels: int, kernel_size: Sequence[int]) -> torch.Tensor:

@@ -68,7 +68,8 @@ def bn_conv(ctx: PassContext, node: fx.Node) -> bool:
     why = _why_not_exact(layer, vectors[1], affine.kind)
     if why is not None:
         raise NotExact(f"{where}: {why}", affine.node)
-    weight, bias = algebra.affine_before(layer.weight, layer.bias, vectors, groups=layer.groups)
+    weight, bias = algebra.affine_before(layer.weight, layer.bias, vectors, groups=layer.groups,
+                                         dtype=layer.storage[0])  # rounded once, as it is stored
     for user in list(affine.node.users):  # the averages and shape queries read the affine map's input instead
         if user is not node:
             user.replace_input_with(affine.node, affine.input)

@@ -50,7 +50,7 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     if isinstance(vectors, str):
         raise NotExact(f"{where}: {vectors}")
     weight, bias = algebra.affine_after(layer.weight, layer.bias, vectors, groups=layer.groups,
-                                        transposed=layer.transposed)
+                                        transposed=layer.transposed, dtype=layer.storage[0])  # rounded once, stored
     if reshape is None:
         new = emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
                    name=layer.name, at=layer.node)

@@ -190,3 +190,49 @@ def test_undilate_is_the_same_conv():
     wide = algebra.undilate(w, (2, 3))
     assert wide.shape[2:] == (5, 4)
     assert close(F.conv2d(x, wide, padding=(2, 1)), F.conv2d(x, w, padding=(2, 1), dilation=(2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_centered_is_the_padded_regrouped_sum(dtype):
+    """A merge builds its kernel in one tensor: bit for bit the sum of the padded, regrouped kernels, inputs kept."""
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    kernels = [(torch.randn(8, 4, 3, 3).to(dtype), 2), (torch.randn(8, 8, 1, 1).to(dtype), 1),
+               (torch.randn(8, 1, 1, 1).to(dtype), 8), (torch.randn(8, 1, 3, 1).to(dtype), 8)]
+    before = [w.clone() for w, _ in kernels]
+    merged = algebra.sum_centered(kernels, 1, (3, 3))
+    expected = algebra.sum_kernels([algebra.center_pad(algebra.regroup(w, g, 1), (3, 3)) for w, g in kernels])
+    assert merged.dtype == torch.float64 and torch.equal(merged, expected)
+    assert all(torch.equal(w, b) for (w, _), b in zip(kernels, before))
+    pads = {(3, 3): (1, 1), (1, 1): (0, 0), (3, 1): (1, 0)}
+    branches = sum(F.conv2d(x, w.double(), padding=pads[tuple(w.shape[2:])], groups=g) for w, g in kernels)
+    assert close(F.conv2d(x, merged, padding=1), branches)
+    with pytest.raises(ValueError):
+        algebra.sum_centered([(torch.randn(8, 4, 3, 3), 2)], 4, (3, 3))
+
+
+def test_kernels_are_computed_in_float64_from_any_dtype_and_rounded_once():
+    """float32 kernels are read in place (no float64 copy first) with float64 results; ``dtype=`` rounds once."""
+    w, s = torch.randn(6, 3, 3, 3), torch.randn(6, dtype=torch.float64) * 3
+    exact = algebra.scale_output_channels(w.double(), s)
+    assert torch.equal(algebra.scale_output_channels(w, s), exact)
+    stored = algebra.scale_output_channels(w, s, dtype=torch.float32)
+    assert stored.dtype == torch.float32 and torch.equal(stored, algebra.cast_to(exact, torch.float32, w.device))
+    weight, bias = algebra.affine_after(w, None, (s, s), dtype=torch.float16)
+    assert weight.dtype == torch.float16 and bias.dtype == torch.float64
+    assert torch.equal(weight, exact.to(torch.float16))
+    inner = algebra.scale_input_channels(w.double(), s[:3])
+    weight, _ = algebra.affine_before(w, None, (s[:3], s[:3]), dtype=torch.float32)
+    assert weight.dtype == torch.float32 and torch.equal(weight, inner.float())
+    assert torch.equal(algebra.regroup(w, 2, 1), algebra.regroup(w.double(), 2, 1))
+    point = w[:, :, :1, :1]
+    assert torch.equal(algebra.center_pad(point, (3, 3)), algebra.center_pad(point.double(), (3, 3)))
+    single = algebra.sum_kernels([w])
+    assert single.dtype == torch.float64 and torch.equal(single, w.double())
+    w64 = w.double()
+    assert algebra.sum_kernels([w64]).data_ptr() != w64.data_ptr()  # a new tensor, never the input
+
+
+def test_coarsest_groups_keeps_the_kernel_dtype():
+    w = algebra.regroup(torch.randn(8, 2, 3, 3), 4, 1).float()
+    grouped, groups = algebra.coarsest_groups(w, 1)
+    assert groups == 4 and grouped.dtype == torch.float32
