@@ -1,5 +1,6 @@
 """Functionalization of an exported program's graph: in-place writes become out-of-place ops (directly where
-nothing aliases the written tensor, else through ``run_decompositions``), metadata asserts go."""
+the written tensor is one the forward made, or a select/slice/diagonal view of one; else through
+``run_decompositions``, which traces the whole program again), metadata asserts go."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from torch.utils import _pytree as pytree
 from .guard import GUARD, _flatten_by_spec, guarded_module
 
 
-def _strip_metadata_asserts(gm: fx.GraphModule) -> None:
+def _strip_metadata_asserts(gm: fx.GraphModule) -> bool:
     """Remove ``aten._assert_tensor_metadata``: dtype/device checks left by ``.float()``/``.to()`` in forward
-    that would reject a float64 copy of the graph (they assert, they compute nothing)."""
+    that would reject a float64 copy of the graph (they assert, they compute nothing); whether there were any."""
     target = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and target is not None and node.target == target and not node.users:
-            gm.graph.erase_node(node)
+    found = [n for n in gm.graph.nodes if n.op == "call_function" and target is not None and n.target == target
+             and not n.users]
+    for node in found:
+        gm.graph.erase_node(node)
+    return bool(found)
 
 
 def _out_of_place(target: Any) -> Any:
@@ -36,40 +39,135 @@ def _out_of_place(target: Any) -> Any:
     return getattr(getattr(torch.ops.aten, name[:-1], None), target._overloadname, None)
 
 
-def _fresh_unaliased(node: Any, writer: fx.Node) -> bool:
-    """A tensor the forward made itself (no input, no stored tensor, no view) that nothing but ``writer``
-    reads through an alias (a view, or another in-place op)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
+def _schema(node: fx.Node) -> Any:
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def _fresh(node: fx.Node) -> bool:
+    """A tensor the forward made itself: no input, no stored tensor, no view of another."""
+    schema = _schema(node)
+    return schema is not None and not schema.is_mutable and not any(r.alias_info for r in schema.returns)
+
+
+def _view(node: fx.Node) -> bool | None:
+    """Whether ``node`` is a view of its first argument: True (one tensor), None (a list: ``split``), else False."""
+    schema = _schema(node)
+    if schema is None or schema.is_mutable or not any(r.alias_info for r in schema.returns):
         return False
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or schema.is_mutable or any(r.alias_info for r in schema.returns):
-        return False
-    return all(u is writer or u.op == "output" or not any(
-        r.alias_info for r in getattr(getattr(u.target, "_schema", None), "returns", ())) for u in node.users)
+    single = len(schema.returns) == 1 and isinstance(schema.returns[0].type, torch.TensorType)
+    return True if single else None
 
 
-def _rewrite_in_place(gm: fx.GraphModule) -> bool:
-    """Turn each in-place write into a tensor nothing else aliases (``relu_`` after a conv) into its out-of-place
-    twin, later readers reading the result: functionalization for the common case, without re-tracing.
+_SCATTERS = {"select.int": "select_scatter", "slice.Tensor": "slice_scatter", "diagonal.default": "diagonal_scatter"}
 
-    Returns whether no write is left; where one is (a write through a view, into an input), the caller
-    functionalizes the program for real."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not getattr(getattr(node.target, "_schema", None), "is_mutable", False):
-            continue
-        pure, written = _out_of_place(node.target), node.args[0] if node.args else None
-        if pure is None or not _fresh_unaliased(written, node):
+
+def _scatter(target: Any) -> Any:
+    """The op that writes a :data:`_SCATTERS` view back into its base (``select`` -> ``select_scatter``)."""
+    name = _SCATTERS.get(f"{target._schema.name.split('::')[-1]}.{target._overloadname or 'default'}")
+    return None if name is None else getattr(torch.ops.aten, name).default
+
+
+class _Writes:
+    """The state of :func:`_rewrite_in_place`'s walk: per fresh tensor its current value, per view its base and the
+    chain of views from it, so a read after a write reads the written value (views made again where stale)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.current: dict[fx.Node, fx.Node] = {}  # fresh tensor -> the node holding its value now
+        self.version: dict[fx.Node, int] = {}
+        self.views: dict[fx.Node, tuple[fx.Node, list[fx.Node], int]] = {}  # view -> base, chain, base's version
+        self.alias: dict[fx.Node, fx.Node] = {}  # an in-place op's result -> the tensor it wrote
+        self.remade: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def _call(self, target: Any, args: tuple, kwargs: dict, like: fx.Node) -> fx.Node:
+        new = self.graph.call_function(target, args, kwargs)
+        new.meta.update(like.meta)
+        return new
+
+    def value(self, node: Any) -> Any:
+        """The node that holds ``node``'s value at this point of the walk (inserted before the current node)."""
+        if not isinstance(node, fx.Node):
+            return node
+        node = self.alias.get(node, node)
+        if node in self.current:
+            return self.current[node]
+        if node not in self.views:
+            return node
+        base, chain, version = self.views[node]
+        if self.version[base] == version:
+            return node
+        key = (node, self.version[base])
+        if key not in self.remade:
+            value = self.current[base]
+            for view in chain:
+                value = self._call(view.target, (value, *view.args[1:]), view.kwargs, view)
+            self.remade[key] = value
+        return self.remade[key]
+
+    def see(self, node: fx.Node) -> bool:
+        """Read ``node``'s inputs at their current values and track it; False where its writes or views are not
+        ones this walk can express (the caller functionalizes the program for real)."""
+        first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        source = self.alias.get(first, first) if first is not None else None  # as written, before reading it now
+        tracked = source is not None and (source in self.current or source in self.views)
+        with self.graph.inserting_before(node):
+            node.args = fx.node.map_arg(node.args, self.value)
+            node.kwargs = fx.node.map_arg(node.kwargs, self.value)
+            if _fresh(node):
+                self.current[node], self.version[node] = node, 0
+                return True
+            is_view = _view(node)
+            if is_view and tracked:
+                base, chain = (source, []) if source in self.current else self.views[source][:2]
+                self.views[node] = (base, [*chain, node], self.version[base])
+                return True
+            if is_view is None and tracked:
+                return False  # a list of views (split, unbind)
+            schema = _schema(node)
+            if schema is None or not schema.is_mutable:
+                return True
+            return tracked and self._write(node, source)
+
+    def _write(self, node: fx.Node, written: fx.Node) -> bool:
+        """Express the in-place ``node`` (into ``written``, a fresh tensor or a view of one) out of place."""
+        pure = _out_of_place(node.target)
+        if pure is None:
             return False
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(pure, node.args, node.kwargs)
-        new.meta.update(node.meta)
-        order[new] = order[node]
-        for user in list(written.users):  # later readers see the written value
-            if user is not node and order[user] > order[node]:
-                user.replace_input_with(written, new)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        base, chain = (written, []) if written in self.current else self.views[written][:2]
+        scatters = [_scatter(view.target) for view in chain]
+        if any(s is None for s in scatters):
+            return False
+        values = [self.current[base]]
+        for view in chain:  # the view as it reads now (its node may predate an earlier write)
+            values.append(self._call(view.target, (values[-1], *view.args[1:]), view.kwargs, view))
+        new = self._call(pure, (values[-1], *node.args[1:]), node.kwargs, node)
+        for view, scatter, under in reversed(list(zip(chain, scatters, values))):
+            new = self._call(scatter, (under, new, *view.args[1:]), view.kwargs, under)
+        self.current[base] = new
+        self.version[base] += 1
+        self.alias[node] = written
+        return True
+
+
+def _rewrite_in_place(gm: fx.GraphModule) -> bool | None:
+    """Turn each in-place write into a tensor the forward made (``relu_`` after a conv) or into a ``select``,
+    ``slice`` or ``diagonal`` view of one (``mask[:, 0, 1] = 2``) into its out-of-place twin and scatters back
+    into the base, later readers reading the result: functionalization without re-tracing the program.
+
+    Returns False where a write is left for the caller to functionalize for real (a write into an input or a
+    buffer, through another kind of view), else whether anything changed."""
+    walk = _Writes(gm.graph)
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if not walk.see(node):
+            return False
+    if not walk.alias:
+        return None
+    for node in reversed(nodes):
+        if node in walk.alias or (node in walk.views and not node.users):
+            if node.users:
+                return False
+            gm.graph.erase_node(node)
     return True
 
 
@@ -78,11 +176,13 @@ def _functional_module(program: Any, shapes: list[tuple[int, ...] | None] | None
     write is into a tensor nothing aliases (most models), else through ``run_decompositions`` (slower: it
     traces the program again)."""
     gm = guarded_module(program, shapes)
-    _strip_metadata_asserts(gm)
-    if not _rewrite_in_place(gm):
+    changed = _strip_metadata_asserts(gm)
+    rewritten = _rewrite_in_place(gm)
+    if rewritten is False:
         gm = guarded_module(program.run_decompositions({}), shapes)
-        _strip_metadata_asserts(gm)
-    gm.recompile()
+        changed = _strip_metadata_asserts(gm)
+    if changed or rewritten:  # guarded_module compiled it already: once more only where the graph changed
+        gm.recompile()
     return gm
 
 
