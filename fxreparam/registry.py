@@ -217,8 +217,8 @@ def register_pass(name: str, description: str, *, after: str | None = None, alia
     Args:
         name: the pass's name, as ``optimize(passes=..., skip=...)`` and the report spell it.
         description: one line for ``fxreparam passes`` and the README.
-        after: a user pass runs right after this pass (default: last before ``cleanup``); the
-            built-in order is ``fxreparam.passes.BUILTIN_ORDER``.
+        after: a user pass runs right after this pass (default: last before ``cleanup``); a built-in pass
+            takes none: its place is ``fxreparam.passes.BUILTIN_ORDER``, the one list of the built-in order.
         aliases: former names that still select this pass.
         replace: allow replacing a pass registered under the same name.
 

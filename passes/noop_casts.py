@@ -65,7 +65,7 @@ def why_not_noop(node: fx.Node, source: fx.Node) -> str | None:
 
 
 @register_pass("noop_casts", "erase casts to the dtype and device the value already has (peft's "
-                             "result.to(previous_dtype), .float() on float32)", after="inference_identities")
+                             "result.to(previous_dtype), .float() on float32)")
 def noop_casts(ctx: PassContext, node: fx.Node) -> bool:
     source = cast_source(node)
     if source is None or why_not_noop(node, source) is not None:

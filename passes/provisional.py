@@ -50,7 +50,7 @@ def undo_provisional(gm: fx.GraphModule) -> int:
 
 
 @register_pass("settle_provisional", "restore compositions made for a sum that did not fold (never costlier than "
-                                     "the input)", after="cleanup")
+                                     "the input)")
 def settle_provisional(ctx: PassContext) -> int:
     seen, now = ctx.gm.__dict__.get(_SEEN), _fingerprint(ctx.graph)
     ctx.gm.__dict__[_SEEN] = now

@@ -48,8 +48,7 @@ def _kept_operand(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-@register_pass("zero_branches", "remove summed terms computed by all-zero conv or linear layers (untrained LoRA B)",
-               after="noop_casts")
+@register_pass("zero_branches", "remove summed terms computed by all-zero conv or linear layers (untrained LoRA B)")
 def zero_branches(ctx: PassContext, node: fx.Node) -> bool:
     kept = _kept_operand(ctx.gm, node)
     if kept is None:
