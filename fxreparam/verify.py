@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .errors import VerificationError
+
 __all__ = ["FLOOR", "QUICK", "K", "Reference", "Verification", "fresh_copies", "relative_error", "state_kept", "verify"]
 
 K = 16
@@ -392,7 +394,7 @@ class Reference:
                         self.outputs.append(original(*fresh_copies(a), **fresh_copies(k)))
                 except Exception as err:
                     if i == 0:
-                        raise
+                        raise _original_failed(original, (a, k), err) from err
                     self.notes.append(f"the original model does not run on inputs of shape {_describe((a, k))} "
                                       f"({type(err).__name__}), so they were not compared")
                     self.sets, self.speculative = self.sets[:i], self.speculative[:i]
@@ -475,6 +477,17 @@ class Reference:
     def _failed(self, why: str, runs: int, shapes: int) -> Verification:
         return Verification(math.inf, self.floor or FLOOR[torch.float32], runs, shapes, basis="exact match required",
                             elements=1, note=why)
+
+
+def _original_failed(original: Callable[..., Any], inputs: Inputs, err: Exception) -> VerificationError:
+    """The error for an original that does not run on its own example inputs: nothing can be compared with it."""
+    name = type(original).__name__ if isinstance(original, nn.Module) else getattr(original, "__name__", "the model")
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return VerificationError(
+        f"could not verify: {name} itself raised {type(err).__name__} on its example inputs ({_describe(inputs)}): "
+        f"{first}. Check that the model runs on them (model(*example_inputs)); if it does, its state was changed "
+        "before verification (a cache left inconsistent): please report the model", pass_name=None,
+        error=math.nan, tolerance=math.nan)
 
 
 def verify(original: Callable[..., Any], candidate: Callable[..., Any], args: tuple,

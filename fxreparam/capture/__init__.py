@@ -13,7 +13,11 @@ The package: :mod:`.export` (torch.export and artifact re-export), :mod:`.functi
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,7 @@ from .functional import _to_graph
 from .guard import GUARD, ExportGuard, InputGuard, InputSpec, _check_covers, guarded_module, input_spec
 from .trace import (
     OPAQUE,
+    State,
     copy_model,
     opaque_reason,
     recording_assignments,
@@ -91,20 +96,59 @@ class Captured:
 
 
 def _export_restoring(model: nn.Module, args: tuple, kwargs: dict, double: bool, check: bool, dynamic_shapes: Any
-                      ) -> tuple[_Exported, list[str], list[str]]:
+                      ) -> tuple[_Exported | None, list[str], list[str]]:
     """The export attempts, the model's state put back afterwards (export leaves its fake tensors where a forward
-    assigns a tensor attribute); returns the program, its notes and the tensor attributes the forward assigned."""
+    assigns a tensor attribute); returns the program, its notes and the tensor attributes the forward assigned. The
+    program is None where the attempts failed after such an assignment (a later attempt saw the cache export put
+    back beside the key the forward added): the caller captures a copy that ran once."""
     notes: list[str] = []
     saved = snapshot_state(model)
+    exported: _Exported | None = None
     try:
-        with recording_assignments(model) as assigned:
+        with recording_assignments(model) as assigned, _put_back_by_export() as put_back:
             if dynamic_shapes is not None:
                 exported = _export_as_asked(model, args, kwargs, dynamic_shapes)
             else:
                 exported = _export_checked(model, args, kwargs, notes, double, check)
+    except Exception:
+        if not (assigned or put_back):
+            raise
     finally:
         left = restore_state(saved)
-    return exported, notes, [*assigned, *(a for a in left if a not in assigned)]
+        if put_back:
+            _drop_added(saved)
+    return exported, notes, [*assigned, *(a for a in [*left, *put_back] if a not in assigned)]
+
+
+@contextlib.contextmanager
+def _put_back_by_export() -> Iterator[list[str]]:
+    """Within the block, collect the tensor attributes torch.export says a forward assigned (it puts them back
+    itself, warning); its other warnings pass through."""
+    put_back: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield put_back
+        finally:
+            for w in caught:
+                found = _EXPORT_ASSIGNED.search(str(w.message))
+                if found is not None:
+                    put_back += [f"attribute {a.strip()}" for a in found.group(1).split(",") if a.strip()]
+    for w in caught:
+        if _EXPORT_ASSIGNED.search(str(w.message)) is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+_EXPORT_ASSIGNED = re.compile(r"The tensor attributes? (.+?) (?:was|were) assigned during export")
+
+
+def _drop_added(saved: State) -> None:
+    """Remove the module attributes that appeared since ``saved``: where a forward assigned a tensor attribute,
+    torch.export puts every attribute a module had back, but keeps those the forward added (a cache key such as
+    RT-DETR's ``shapes`` over a class-level default), which would then stand beside the stale cache it put back."""
+    for mod, attrs, _, _ in saved:
+        for name in [k for k in vars(mod) if k not in attrs]:
+            del vars(mod)[name]
 
 
 def _warmed(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
@@ -165,6 +209,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, ch
                      "as old-style spectral_norm's weight): captured as the function it computes" if again else
                      f"the forward sets {', '.join(assigned)} on its first call (a cache): captured from a copy "
                      "that ran once on the example")
+    if exported is None:
+        raise RuntimeError(f"torch.export could not capture {type(model).__name__}, not even from a copy that ran once")
     gm, shapes, dynamic, names = exported.graph or _to_graph(exported.program, args, kwargs)
     return Captured(gm, "torch.export (non-strict)", time.perf_counter() - start, shapes, dynamic, names, notes,
                     exported.doubled)
