@@ -53,17 +53,12 @@ def _exact_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _times(weight: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``exact(weight) * factor`` (``factor`` float64, broadcast) in one pass: the multiply reads ``weight`` in its
-    own dtype and computes in float64 (the upcast is exact), so no float64 copy of ``weight`` is made first. With
-    ``dtype``, each product is rounded into ``dtype`` as it is written: ``cast_to``'s one rounding, no temporary."""
+    """``exact(weight) * factor`` (``factor`` float64, broadcast to ``weight``) with one temporary: the upcast copy is
+    scaled in place (a mixed-dtype multiply is not vectorized and runs slower). With ``dtype``, rounded once into it,
+    as ``cast_to`` would."""
     w = weight.detach()
-    if torch.result_type(w, factor) != torch.promote_types(_exact_dtype(w), factor.dtype):
-        w = exact(w)
-    if dtype is None or dtype == torch.result_type(w, factor) or not dtype.is_floating_point:
-        product = torch.mul(w, factor)
-        return product if dtype is None else product.to(dtype)
-    out = torch.empty(torch.broadcast_shapes(w.shape, factor.shape), dtype=dtype, device=w.device)
-    return torch.mul(w, factor, out=out)
+    product = w.to(torch.promote_types(_exact_dtype(w), factor.dtype), copy=True).mul_(factor)
+    return product if dtype is None else product.to(dtype)
 
 
 def cast_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -273,8 +268,9 @@ def sum_centered(kernels: Sequence[tuple[torch.Tensor, int]], groups: int, kerne
     dtype = _exact_dtype(first)
     for w, _ in kernels[1:]:
         dtype = torch.promote_types(dtype, _exact_dtype(w))
-    total = torch.zeros(first.shape[0], first.shape[1] * kernels[0][1] // groups, *kernel_size, dtype=dtype,
-                        device=first.device)
+    covers = kernels[0][1] == groups and tuple(first.shape[2:]) == tuple(kernel_size)  # the first fills it all
+    total = (torch.empty if covers else torch.zeros)(first.shape[0], first.shape[1] * kernels[0][1] // groups,
+                                                     *kernel_size, dtype=dtype, device=first.device)
     for i, (w, g) in enumerate(kernels):
         w = w.detach()
         if g % groups:

@@ -206,6 +206,9 @@ def test_sum_centered_is_the_padded_regrouped_sum(dtype):
     pads = {(3, 3): (1, 1), (1, 1): (0, 0), (3, 1): (1, 0)}
     branches = sum(F.conv2d(x, w.double(), padding=pads[tuple(w.shape[2:])], groups=g) for w, g in kernels)
     assert close(F.conv2d(x, merged, padding=1), branches)
+    dense = [(torch.randn(8, 8, 3, 3).to(dtype), 1), (torch.randn(8, 8, 1, 1).to(dtype), 1)]  # the first fills it
+    expected = algebra.sum_kernels([algebra.center_pad(w, (3, 3)) for w, _ in dense])
+    assert torch.equal(algebra.sum_centered(dense, 1, (3, 3)), expected)
     with pytest.raises(ValueError):
         algebra.sum_centered([(torch.randn(8, 4, 3, 3), 2)], 4, (3, 3))
 
