@@ -36,6 +36,8 @@ from fxreparam.ops.targets import _SLICE, _TO_END, _bind, opaque
 from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
 from fxreparam.spec import ConvSpec
 
+from .bn_conv import _why_not_exact as why_not_before
+
 __all__ = ["SliceRead", "channel_slice", "channel_slices"]
 
 _NARROW = {torch.narrow, torch.ops.aten.narrow.default}
@@ -131,7 +133,8 @@ class Part:
 
     node: fx.Node
     slice: SliceRead | None
-    affine: ops.ChannelAffine | None = None
+    affine: ops.ChannelAffine | None = None  # the outermost of ``chain``
+    chain: tuple[ops.ChannelAffine, ...] = ()  # per-channel affine maps from the slice out (a BN, then a scale)
     whole: branches.Branch | None = None
     layer: Any = None  # a conv of the slice (``spec.Layer``)
 
@@ -141,10 +144,13 @@ def _slice_part(gm: fx.GraphModule, node: fx.Node) -> Part | None:
     found = channel_slice(node)
     if found is not None:
         return Part(node, found)
-    affine = ops.channel_affine(gm, node)
-    if affine is not None:
-        found = channel_slice(affine.input)
-        return Part(node, found, affine=affine) if found is not None else None
+    chain, inner = [], node
+    while (affine := ops.channel_affine(gm, inner)) is not None and (inner is node or len(inner.users) == 1):
+        chain.append(affine)
+        inner = affine.input
+    if chain:
+        found = channel_slice(inner)
+        return Part(node, found, affine=chain[0], chain=tuple(reversed(chain))) if found is not None else None
     layer = ops.conv(gm, node)
     if layer is not None and not layer.transposed:
         found = channel_slice(layer.input)
@@ -168,17 +174,21 @@ def _vectors(part: Part, ndim: int, dim: int, dtype: torch.dtype) -> tuple[torch
     c = part.slice.channels
     if part.affine is None:
         return torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
-    found = part.affine.vectors(c, ndim, dim, dtype)
-    if isinstance(found, str):
-        return found
-    return algebra.exact(found[0]).to(torch.float64), algebra.exact(found[1]).to(torch.float64)
+    scale, shift = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for affine in part.chain:  # a(s x + t) + b = (a s) x + (a t + b)
+        found = affine.vectors(c, ndim, dim, dtype)
+        if isinstance(found, str):
+            return found
+        a, b = algebra.exact(found[0]).to(torch.float64), algebra.exact(found[1]).to(torch.float64)
+        scale, shift = a * scale, a * shift + b
+    return scale, shift
 
 
 def _affine_cost(part: Part) -> cost.Cost:
     """What a part's per-channel affine stores (its scale and shift); nothing for the identity."""
     if part.affine is None:
         return cost.Cost(0, 0)
-    return cost.Cost(part.affine.scale.numel() + part.affine.shift.numel(), 0)
+    return cost.Cost(sum(a.scale.numel() + a.shift.numel() for a in part.chain), 0)
 
 
 # ----------------------------------------------------------------------------- selection kernels
@@ -244,7 +254,8 @@ def _read_parts(ctx: PassContext, tensors: list[Any]) -> list[Part] | None:
 def _why_not_read_once(ctx: PassContext, parts: list[Part]) -> str | None:
     """Why a part cannot be folded away: it, or the slice it reads, has another reader."""
     for p in parts:
-        inner = [p.node] + ([p.slice.node] if p.slice is not None and p.slice.node is not p.node else [])
+        inner = [p.node, *(a.input for a in p.chain)] if p.chain else [p.node]
+        inner += [p.slice.node] if p.slice is not None and p.slice.node not in inner else []
         for n in inner:
             if len(ops.value_users(n)) != 1 or len(n.users) != 1:
                 return f"{_label(ctx, p)}: {n.name} is read elsewhere too"
@@ -252,7 +263,8 @@ def _why_not_read_once(ctx: PassContext, parts: list[Part]) -> str | None:
 
 
 def _as_affine(ctx: PassContext, node: fx.Node, parts: list[Part], ndim: int, dim: int, where: str) -> bool:
-    """Case A: the cat of identity and per-channel affine parts is one affine of ``x``, folded into its producer."""
+    """Case A: the cat of identity and per-channel affine parts is one affine of ``x``, folded into its producer or
+    into the one layer that reads the cat."""
     source = parts[0].slice.source
     channels = concrete_shape(source)[dim]
     bounds = [(p.slice.start, p.slice.stop) for p in parts]
@@ -265,30 +277,68 @@ def _as_affine(ctx: PassContext, node: fx.Node, parts: list[Part], ndim: int, di
         node.replace_all_uses_with(source)  # the slices put x back together
         erase_dead(node)
         return True
+    stored = storage(source)
+    if stored is None:
+        raise NotExact(f"{where}: the dtype of {source.name} is unknown (pass example inputs)")
+    scale, shift = _cat_vectors(ctx, parts, ndim, dim, stored[0], where)
     layer = ops.weighted(ctx.gm, source)
-    if layer is None:
-        raise Costlier(f"{where}: it is one per-channel affine of {source.name}, but {source.name} is not a conv or "
-                       "linear layer's output to fold it into, and a mul and an add would replace its affine maps")
-    if set(ops.value_users(source)) != {p.slice.reader or p.slice.node for p in parts}:
-        raise Costlier(f"{where}: it is one per-channel affine of {ctx.label(layer.node, layer.kind)}, whose output is "
-                       "read elsewhere too: the affine could not be folded into it")
-    if layer.spec.channel_dim(ndim) != dim:
-        raise NotExact(f"{where}: the cat is on dim {dim}, and {ctx.label(layer.node, layer.kind)}'s channels are "
-                       f"dim {layer.spec.channel_dim(ndim)}")
+    readers = {p.slice.reader or p.slice.node for p in parts}
+    if layer is not None and set(ops.value_users(source)) == readers:
+        return _into_producer(ctx, node, layer, (scale, shift), ndim, dim, where)
+    users = ops.value_users(node)
+    after = ops.weighted(ctx.gm, users[0]) if len(users) == 1 else None
+    if after is not None and after.input is node:
+        return _into_consumer(ctx, node, source, after, (scale, shift), ndim, dim, where)
+    why = ("is read elsewhere too" if layer is not None else "is not a conv or linear layer's output")
+    raise Costlier(f"{where}: it is one per-channel affine of {source.name}, which {why}, and no conv or linear layer "
+                   "reads the cat alone: a mul and an add would replace its affine maps")
+
+
+def _cat_vectors(ctx: PassContext, parts: list[Part], ndim: int, dim: int, dtype: torch.dtype, where: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and shift over all of ``x``'s channels that the cat of ``parts`` applies (REPARAM §15)."""
     scales, shifts = [], []
     for p in parts:
-        vectors = _vectors(p, ndim, dim, layer.weight.dtype)
+        vectors = _vectors(p, ndim, dim, dtype)
         if isinstance(vectors, str):
             raise NotExact(f"{where}: {_label(ctx, p)}: {vectors}")
         scales.append(vectors[0])
         shifts.append(vectors[1])
-    weight, bias = algebra.affine_after(layer.weight, layer.bias, (torch.cat(scales), torch.cat(shifts)),
-                                        groups=layer.groups, transposed=layer.transposed, dtype=layer.storage[0])
+    return torch.cat(scales), torch.cat(shifts)
+
+
+def _into_producer(ctx: PassContext, node: fx.Node, layer, affine, ndim: int, dim: int, where: str) -> bool:
+    """The cat's affine folded into the conv or linear layer whose output it slices (REPARAM §1)."""
+    if layer.spec.channel_dim(ndim) != dim:
+        raise NotExact(f"{where}: the cat is on dim {dim}, and {ctx.label(layer.node, layer.kind)}'s channels are "
+                       f"dim {layer.spec.channel_dim(ndim)}")
+    weight, bias = algebra.affine_after(layer.weight, layer.bias, affine, groups=layer.groups,
+                                        transposed=layer.transposed, dtype=layer.storage[0])
     new = emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
                name=layer.name, at=layer.node)
     if layer.node.users:  # shape queries alone: the new layer's output has the same shape
         layer.node.replace_all_uses_with(new)
         erase_dead(layer.node)
+    return True
+
+
+def _into_consumer(ctx: PassContext, node: fx.Node, source: fx.Node, layer, affine, ndim: int, dim: int,
+                   where: str) -> bool:
+    """The cat's affine folded into the conv or linear layer that alone reads the cat (REPARAM §2), where exact."""
+    here = f"{where}, before {ctx.label(layer.node, layer.kind)}"
+    if layer.spec.channel_dim(ndim) != dim:
+        raise NotExact(f"{here}: the cat is on dim {dim}, and the layer's channels are dim "
+                       f"{layer.spec.channel_dim(ndim)}")
+    why = why_not_before(layer, affine[1], "per-channel affine")
+    if why is not None:
+        raise NotExact(f"{here}: {why}")
+    weight, bias = algebra.affine_before(layer.weight, layer.bias, affine, groups=layer.groups,
+                                         dtype=layer.storage[0])
+    for user in list(node.users):  # shape queries read x instead: it has the cat's shape
+        if user is not layer.node:
+            user.replace_input_with(node, source)
+    emit(ctx.gm, layer.spec, weight, bias, input=source, replaces=layer.node, storage=layer.storage,
+         name=layer.name)
     return True
 
 

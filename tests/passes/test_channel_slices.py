@@ -104,6 +104,30 @@ def test_a_producer_read_elsewhere_is_declined_as_costlier():
     assert "read elsewhere" in refusal.reason
 
 
+class BeforeConv(nn.Module):
+    """A ReLU's output, the identity on some channels and a BN on the others, read by a conv."""
+
+    def __init__(self, padding: int = 0):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(5), nn.Conv2d(8, 4, 3, padding=padding)
+
+    def forward(self, x):
+        y = torch.relu(x)
+        return self.conv(torch.cat([y[:, :3], self.bn(y[:, 3:])], dim=1))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_identity_and_bn_halves_fold_into_the_conv_after(capture):
+    run = run_pass("channel_slices", BeforeConv(), torch.randn(2, 8, 8, 8), capture=capture)
+    assert (run.rewrites, run.count("batch_norm"), run.count("conv"), cats(run)) == (1, 0, 1, 0)
+    assert run.error < 1e-6
+
+
+def test_a_shift_before_a_zero_padded_conv_is_refused():
+    run = run_pass("channel_slices", BeforeConv(padding=1), torch.randn(2, 8, 8, 8))
+    assert (run.rewrites, run.count("batch_norm"), run.error) == (0, 1, 0) and "zero-pads" in run.reasons
+
+
 class ConvAndIdentity(nn.Module):
     """A conv on the first ``r`` channels of the input, the identity on the rest."""
 
@@ -149,12 +173,12 @@ class Unbatched(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return torch.cat([y[:2], y[2:] * self.scale], dim=0)
+        return torch.cat([y[:2], y[2:] * self.scale + 1.0], dim=0)  # a chain of two affine maps
 
 
 def test_unbatched_input_slices_dim_0_and_folds():
     run = run_pass("channel_slices", Unbatched(), torch.randn(3, 16))
-    assert (run.rewrites, run.count("mul_div"), cats(run)) == (1, 0, 0)
+    assert (run.rewrites, run.count("mul_div"), run.count("add_sub"), cats(run)) == (1, 0, 0, 0)
     assert run.error < 1e-6
 
 
@@ -189,3 +213,21 @@ def test_bn_of_a_slice_summed_with_a_grouped_conv_is_declined():
     run = run_pass("channel_slices", model, torch.randn(2, 8, 8, 8))
     assert (run.rewrites, run.count("batch_norm"), run.error) == (0, 2, 0)
     assert any(r.declined and "would store" in r.reason for r in run.refusals)
+
+
+class PartialResidual(nn.Module):
+    """``conv(x) + x[:, a:b]``: a residual on some of the input's channels (a partial identity)."""
+
+    def __init__(self, start: int = 2):
+        super().__init__()
+        self.conv, self.start = nn.Conv2d(8, 4, 3, padding=1), start
+
+    def forward(self, x):
+        return self.conv(x) - 0.5 * x[:, self.start:self.start + 4] if self.start else self.conv(x) + x[:, :4]
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_summed_slice_of_the_input_joins_the_conv_as_a_dirac_selection(start):
+    run = run_pass("channel_slices", PartialResidual(start), torch.randn(2, 8, 8, 8))
+    assert (run.rewrites, run.count("conv"), run.count("add_sub"), run.count("mul_div")) == (1, 1, 0, 0)
+    assert run.error < 1e-6
