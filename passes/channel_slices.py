@@ -4,10 +4,11 @@ RMNet keeps ``x[:, :r]`` as it is and computes the other channels from ``x``, wi
 summed into them. Three forms, each over one tensor ``x`` and its channel axis:
 
 * **Per-channel cat** (case A): ``cat([f_1(x[:, s_1]), ..., f_n(x[:, s_n])])`` with every ``f_i`` the identity
-  or a per-channel affine (BN in eval, a constant scale/shift) and the slices covering ``x``'s channels in
-  order is one per-channel affine of ``x`` (scale 1, shift 0 on the identity parts). It is folded into ``x``'s
-  conv or linear producer (REPARAM §1) where the slices are that layer's only readers; elsewhere it would leave
-  a mul and an add for the BNs it removes, and is declined.
+  or a per-channel affine (BN in eval, a constant scale/shift, or a chain of them) and the slices covering
+  ``x``'s channels in order is one per-channel affine of ``x`` (scale 1, shift 0 on the identity parts). It is
+  folded into ``x``'s conv or linear producer (REPARAM §1) where the slices are that layer's only readers, else
+  into the one conv or linear layer reading the cat where exact (REPARAM §2); elsewhere it would leave a mul
+  and an add for the BNs it removes, and is declined.
 * **Block cat** (case B): where some parts are convs (of a slice, or of all of ``x``), the cat is one conv of
   ``x`` whose kernel stacks the parts (REPARAM §10), identity and affine parts as (scaled) Dirac columns
   selecting their channels, a conv of a slice as its kernel on those input channels, zero elsewhere. Folded
