@@ -172,9 +172,13 @@ def per_channel(layer: Layer, moves: list[tuple[fx.Node, Move]], constants: tupl
     for t in constants:
         values = t.reshape(-1)
         vector = torch.zeros(channels, dtype=values.dtype).index_put_((flat,), values)  # one of each channel's values
-        if not torch.equal(vector[flat], values):
-            return ("its constant varies within one channel of the layer (along an axis that is not the channel "
-                    "axis, or within a channel's block of a merged axis)")
+        differs = (vector[flat] != values).nonzero()
+        if len(differs):
+            i = int(differs[0, 0])
+            at, channel = [int(d) for d in torch.unravel_index(torch.tensor(i), index.shape)], int(flat[i])
+            return (f"its constant varies within one channel of the layer (channel {channel} meets "
+                    f"{float(values[i]):.6g} at {at} of its input and {float(vector[channel]):.6g} elsewhere: it "
+                    "varies along an axis that is not the channel axis, or within a channel's block of a merged axis)")
         out.append(vector)
     return tuple(out)
 

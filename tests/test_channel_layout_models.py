@@ -110,3 +110,13 @@ def test_partition_reshapes_fold_where_the_vectors_are_per_channel(per_channel):
         assert relative_error(model(x), folded(x)) < 1e-5
     reasons = " | ".join(r.reason for r in fxreparam.report(folded).refusals if r.pass_name == "channel_layout")
     assert ("varies within one channel" in reasons) is not per_channel
+
+
+def test_a_bn1d_over_chw_refused_here_folds_forward_into_the_linear_after_it():
+    # the BatchNorm1d after view(N, -1) is not per conv channel, but it is per input feature of the Linear after it
+    model = randomize_batch_norms(nn.Sequential(PartitionFC(3, 2, 4, False), nn.Linear(24, 5))).eval()
+    x = torch.randn(4, 3, 2, 4)
+    folded = fxreparam.optimize(model, (x,))
+    assert (_counts(model, x)["batch_norm"], _counts(folded, x)["batch_norm"]) == (2, 0)
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-5
