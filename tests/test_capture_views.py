@@ -52,6 +52,15 @@ class _WritesBuffer(nn.Module):
         return x + self.seen.sum()
 
 
+class _WritesThroughAReshape(nn.Module):
+    """A write through ``view`` then ``select``: no scatter undoes a reshape, so capture re-traces for real."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(2, 6)
+        m.view(3, 4)[1, 2] = 5.0
+        return x * m
+
+
 def _mutations(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes
             if n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
@@ -84,3 +93,19 @@ def test_a_model_with_masks_written_in_forward_folds_exactly():
     assert fxreparam.report(folded).after.conv == 1  # the masked depthwise branch merges into the 3x3
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_a_write_through_a_reshape_falls_back_to_run_decompositions(monkeypatch):
+    calls = []
+    retrace = ExportedProgram.run_decompositions
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return retrace(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", counted)
+    model, x = _WritesThroughAReshape().eval(), torch.randn(2, 6)
+    gm = capture(model, (x,)).gm
+    assert calls and _mutations(gm) == []
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
