@@ -96,11 +96,12 @@ class Captured:
 
 
 def _export_restoring(model: nn.Module, args: tuple, kwargs: dict, double: bool, check: bool, dynamic_shapes: Any
-                      ) -> tuple[_Exported | None, list[str], list[str]]:
+                      ) -> tuple[_Exported | None, list[str], list[str], list[str]]:
     """The export attempts, the model's state put back afterwards (export leaves its fake tensors where a forward
-    assigns a tensor attribute); returns the program, its notes and the tensor attributes the forward assigned. The
-    program is None where the attempts failed after such an assignment (a later attempt saw the cache export put
-    back beside the key the forward added): the caller captures a copy that ran once."""
+    assigns a tensor attribute); returns the program, its notes, the tensor attributes the forward assigned and
+    those torch.export put back itself. The program is None where the attempts failed after such an assignment (a
+    later attempt saw the cache export put back beside the key the forward added): the caller captures a copy that
+    ran once."""
     notes: list[str] = []
     saved = snapshot_state(model)
     exported: _Exported | None = None
@@ -117,7 +118,7 @@ def _export_restoring(model: nn.Module, args: tuple, kwargs: dict, double: bool,
         left = restore_state(saved)
         if put_back:
             _drop_added(saved)
-    return exported, notes, [*assigned, *(a for a in [*left, *put_back] if a not in assigned)]
+    return exported, notes, [*assigned, *(a for a in left if a not in assigned)], put_back
 
 
 @contextlib.contextmanager
@@ -197,10 +198,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, double: bool = True, ch
     on its first call (an anchor grid) is captured from a copy that has run once; one that assigns a tensor
     attribute on every call keeps state the graph cannot hold, and is refused naming it."""
     start = time.perf_counter()
-    exported, notes, assigned = _export_restoring(model, args, kwargs, double, check, dynamic_shapes)
-    if assigned:
-        exported, notes, again = _export_restoring(_warmed(model, args, kwargs), args, kwargs, double, check,
-                                                   dynamic_shapes)
+    exported, notes, assigned, put_back = _export_restoring(model, args, kwargs, double, check, dynamic_shapes)
+    assigned += [a for a in put_back if a not in assigned]
+    if assigned:  # what export put back on the warm copy is recomputed by the graph (the cache key did not match)
+        exported, notes, again, _ = _export_restoring(_warmed(model, args, kwargs), args, kwargs, double, check,
+                                                      dynamic_shapes)
         if again and not _assigned_before_read(model, args, kwargs):
             raise CaptureError(f"{type(model).__name__}'s forward assigns {', '.join(again)} on every call: state a "
                                "graph cannot keep. Remedy: register it as a buffer and write it in place "
