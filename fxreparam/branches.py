@@ -241,8 +241,7 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     kernel = tuple(max(t.kernel_size[d] for t in taken) for d in dims)  # 1x3 + 3x1 -> 3x3
     dilation = tuple(next((t.spec.dilation[d] for t in taken if t.kernel_size[d] > 1), 1) for d in dims)
     padding = tuple((big.offset(d) + dilation[d] * (kernel[d] - 1)) // 2 for d in dims)
-    weight = algebra.sum_kernels([algebra.center_pad(algebra.regroup(t.weight, t.spec.groups, groups), kernel)
-                                  for t in taken])
+    weight = algebra.sum_centered([(t.weight, t.spec.groups) for t in taken], groups, kernel)
     biases = [t.bias for t in taken if t.bias is not None]
     bias = algebra.sum_kernels(biases) if biases else None
     mode = next((t.spec.padding_mode for t in taken if any(t.spec.padding)), "zeros")
