@@ -2,7 +2,14 @@
 weights, no network): conv / BN / add / mul executed per call, stored elements, MACs and relative error of the
 training form, of ``fxreparam.optimize`` and of ``fuse()``.
 
-    python benchmarks/ultralytics_fuse.py [--models yolov8n yolov9t yolov10n rtdetr-l] [--size 256] [--out FILE]
+All three are compared on the detections, the first output of an eval-mode call (what ultralytics' export returns):
+the rest is the raw head outputs, and ``fuse()`` drops the head the detections do not read (YOLOv10's one-to-one
+head, or its one-to-many head end-to-end), so the full outputs of ``fuse()`` have another structure (an error of
+"inf") and fxreparam, which must keep every output it is given, would keep that head. ``yolov10n-e2e`` is YOLOv10n
+with ``end2end = True`` (one-to-one head, top-k instead of NMS). fxreparam folds each model before its first forward.
+
+    python benchmarks/ultralytics_fuse.py [--models yolov8n yolov9t yolov10n yolov10n-e2e rtdetr-l] [--size 256]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,16 +28,32 @@ import fxreparam
 from fxreparam.testing import executed_ops, randomize_batch_norms, stored_elements
 from fxreparam.verify import relative_error
 
-MODELS = ("yolov8n", "yolov9t", "yolov10n", "rtdetr-l")
+MODELS = ("yolov8n", "yolov9t", "yolov10n", "yolov10n-e2e", "rtdetr-l")
+E2E = "-e2e"
 
 
 def build(name: str) -> nn.Module:
-    """The detector ``name`` from ultralytics' yaml, in eval mode with random BN statistics."""
+    """The detector ``name`` from ultralytics' yaml (``-e2e``: end-to-end), in eval mode with random BN statistics."""
     from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
 
     torch.manual_seed(0)
     cls = RTDETRDetectionModel if name.startswith("rtdetr") else DetectionModel
-    return randomize_batch_norms(cls(f"{name}.yaml", verbose=False)).eval()
+    model = randomize_batch_norms(cls(f"{name.removesuffix(E2E)}.yaml", verbose=False)).eval()
+    if name.endswith(E2E):
+        model.end2end = True
+    return model
+
+
+class Detections(nn.Module):
+    """A detector's detections alone: the first output of its eval-mode ``(detections, raw outputs)`` tuple."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _CountMuls(TorchDispatchMode):
@@ -56,15 +79,16 @@ def measure(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 
 def row(name: str, size: int) -> list[tuple[str, dict[str, float]]]:
-    """The three forms of one detector, measured."""
-    model = build(name)
+    """The three forms of one detector, measured on its detections."""
+    built = build(name)
+    model = Detections(built).eval()
     x = torch.randn(1, 3, size, size)
     start = time.perf_counter()
     folded = fxreparam.optimize(model, x)  # before the model's first forward, as a user who builds then folds
     seconds = time.perf_counter() - start
     with torch.no_grad():
         want = model(x)
-    fused = copy.deepcopy(model).fuse(verbose=False) if hasattr(model, "fuse") else None
+    fused = Detections(copy.deepcopy(built).fuse(verbose=False)).eval()
     forms = [("training form", model), (f"fxreparam ({seconds:.0f} s)", folded), ("fuse()", fused)]
     out = []
     for label, mod in forms:
@@ -76,7 +100,10 @@ def row(name: str, size: int) -> list[tuple[str, dict[str, float]]]:
 
 def table(results: dict[str, list[tuple[str, dict[str, float]]]], size: int) -> str:
     """A markdown table: one line per model and form."""
-    lines = [f"ultralytics detectors from yaml at 1x3x{size}x{size}, torch {torch.__version__}, CPU", "",
+    lines = [f"ultralytics detectors from yaml at 1x3x{size}x{size}, torch {torch.__version__}, CPU, "
+             f"{time.strftime('%Y-%m-%d')}; compared on the detections (see benchmarks/ultralytics_fuse.py). "
+             "End-to-end and RT-DETR detections are a top-k over near-tied scores of random weights: an error "
+             "above 1e-5 there is rows swapped by rounding (fuse()'s too), not a wrong value.", "",
              "| model | form | conv | BN | add | mul | stored elements | MACs | rel. error |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, forms in results.items():

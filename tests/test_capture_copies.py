@@ -66,3 +66,4 @@ def test_optimize_a_keyed_cache_model_before_its_first_forward():
     folded = fxreparam.optimize(model, x)
     with torch.no_grad():
         assert torch.allclose(model(x), folded(x), atol=1e-5)
+
