@@ -32,7 +32,8 @@ Move = Callable[[torch.Tensor], torch.Tensor]
 """What a layout op does to a tensor of its input's shape (applied to an index tensor)."""
 
 _PERMUTE = {aten.permute.default, torch.permute}
-_TRANSPOSE = {aten.transpose.int, torch.transpose, torch.swapaxes, torch.swapdims}
+_TRANSPOSE = {aten.transpose.int, aten.swapaxes.default, aten.swapdims.default, torch.transpose, torch.swapaxes,
+              torch.swapdims}
 _MOVEDIM = {aten.movedim.int, torch.movedim}
 _RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
             aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,

@@ -194,3 +194,32 @@ def test_a_reshape_that_regroups_the_dynamic_batch_is_refused():
 def test_bn_right_after_the_layer_is_left_to_conv_bn():
     run = run_pass("channel_layout", nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.randn(1, 3, 4, 4))
     assert (run.rewrites, run.refusals) == (0, [])
+
+
+LAYOUTS = {
+    "movedim": lambda y: y.movedim(1, -1),
+    "swapaxes_contiguous": lambda y: y.swapaxes(1, 3).contiguous(),
+    "flatten_unflatten": lambda y: y.flatten(2).unflatten(2, (3, 4)).permute(0, 2, 3, 1),
+    "unsqueeze_squeeze": lambda y: y.unsqueeze(2).permute(0, 2, 3, 4, 1).squeeze(1),
+}
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_chains_of_layout_ops_ending_channels_last_fold_a_per_channel_scale(capture, layout):
+    # a conv's channels moved to the last axis by various chains; a [C] vector there is per conv channel
+    run = run_pass("channel_layout", Chain(nn.Conv2d(3, 5, 3, padding=1), LAYOUTS[layout], Scale((5,))),
+                   torch.randn(2, 3, 3, 4), capture=capture)
+    assert (run.rewrites, run.count("mul_div"), run.count("conv"), run.error < 1e-6) == (1, 0, 1, True)
+
+
+def test_transposed_grouped_conv_then_permute_then_scale_folds():
+    model = Chain(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), lambda y: y.permute(0, 2, 3, 1), Scale((6,)))
+    run = run_pass("channel_layout", model, torch.randn(1, 4, 3, 3))
+    assert (run.rewrites, run.count("mul_div"), run.error < 1e-6) == (1, 0, True)
+
+
+def test_unbatched_conv_permuted_channels_last_then_scale_folds():
+    run = run_pass("channel_layout", Chain(nn.Conv1d(3, 5, 1), lambda y: y.t(), Scale((5,))), torch.randn(3, 7),
+                   capture="symbolic_trace")
+    assert (run.rewrites, run.count("mul_div"), run.error < 1e-6) == (1, 0, True)
