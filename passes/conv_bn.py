@@ -17,6 +17,8 @@ from fxreparam.graph import emit, erase_dead, replace
 from fxreparam.meta import rank
 from fxreparam.registry import NotExact, PassContext, register_pass
 
+from . import channel_layout
+
 
 def _kind(affine: ops.ChannelAffine) -> str:
     return "bn" if affine.kind == "batch norm" else affine.kind
@@ -37,6 +39,8 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
         layer = ops.linear(ctx.gm, inner) if inner is not None else None
         reshape = affine.input if layer is not None else None
     if layer is None:
+        if channel_layout.layout_op(ctx.gm, affine.input) is not None:
+            return False  # an affine after permute / view: channel_layout folds it or says why not
         if bn is not None:
             raise NotExact(f"{ctx.label(node, 'bn')} follows {affine.input.name}, not a conv or linear layer")
         return False
