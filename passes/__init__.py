@@ -7,6 +7,8 @@ from fxreparam.registry import set_builtin_order
 from . import (
     bn_conv,
     branch_sum,
+    channel_layout,
+    channel_slices,
     cleanup,
     concat_convs,
     conv_bn,
@@ -26,6 +28,8 @@ __all__ = [
     "BUILTIN_ORDER",
     "bn_conv",
     "branch_sum",
+    "channel_layout",
+    "channel_slices",
     "cleanup",
     "concat_convs",
     "conv_bn",
@@ -46,6 +50,8 @@ BUILTIN_ORDER: tuple[str, ...] = (
     "noop_casts",            # casts to the dtype and device a value has -> gone
     "zero_branches",         # summed terms of all-zero layers (an untrained LoRA B) -> gone
     "fold_constants",        # parameter-only subgraphs (Dirac, weight norm, parametrize, anchor grids) -> stored
+    "channel_layout",        # per-channel affine after a conv/linear and permute/view/flatten -> into its kernel
+    "channel_slices",        # identity / BN / conv parts on channel slices of one tensor, cat or summed -> one layer
     "conv_bn",               # per-channel affine after a conv or linear layer -> into its kernel
     "bn_conv",               # per-channel affine before a conv or linear layer -> into its kernel, where exact
     "pool_as_conv",          # exact average pool before a per-channel affine -> depthwise conv
