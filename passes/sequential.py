@@ -5,6 +5,9 @@
   1x1 has no bias, or when the tensor between them is padded with exactly the 1x1's bias (DBB's
   BN-and-pad, recognized by value); the pair becomes one kxk conv padding its input.
 - an exact average pool counts as a depthwise kxk (DBB's 1x1-avg branch); Linear then Linear (any input rank).
+- two convs that both span space (a 1xk then a kx1, separable; any kxk pair): one conv whose kernel is the
+  full correlation of the two, exact under :func:`_spatial_spec`'s padding and bias conditions (§6). It grows
+  the kernel, so it folds where a conv at least as large sums with it (RepNeXt's decomposed depthwise kernels).
 The pair composes per group (a grouped 1x1 then a kxk with the same groups stays grouped). It
 folds where the result costs no more than the two layers, or where a layer of the same input in the
 same sum will absorb it (a conv at least as large; a linear of the same width, LoRA's base layer):
@@ -14,6 +17,8 @@ the sum does not fold after all, ``settle_provisional`` restores the pair.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -109,7 +114,7 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
             raise NotExact(f"{where}: the kxk zero-pads the 1x1's output, whose bias is not zero (border taps "
                            "would read the bias, not 0)", outer.node)
     else:
-        return False  # two kxk convs grow the kernel and the cost: not a fold
+        return _fold_spatial_pair(ctx, inner, outer, border is not None, where)
     shape, groups = algebra.composed_shape(outer.weight.shape, outer.groups, inner.weight.shape, inner.groups)
     spec = replace(spec, groups=groups)
     has_bias = outer.bias is not None or inner_bias is not None
@@ -124,6 +129,87 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
         raise Costlier(f"{where}: not composed: {why}", outer.node)
     record = _provisional(inner, outer) if why is not None and restorable else None
     weight, _ = algebra.compose(outer.weight, outer.groups, inner.weight, inner.groups)
+    bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
+    new = emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
+               name=outer.name, at=inner.node)
+    if record is not None:  # costlier than the pair: it pays only if the sum absorbs it (else settle_provisional)
+        mark_provisional(new, replace(record, target=str(new.target)))
+    return True
+
+
+def _spatial_spec(inner: Layer, outer: Layer, where: str) -> tuple[ConvSpec, tuple[int, ...], tuple[int, ...]]:
+    """The spec of one conv equal to ``outer(inner(x))`` for two spatial convs, with each axis's step between outer
+    taps in the composed kernel and its size; raises NotExact where no conv is (docs/identities.md s6).
+
+    Per axis (inner kernel ``k``, stride ``s``, dilation ``d``, padding ``p``; outer ``k', s', d', p'``) the pair reads
+    input ``(m s' + t d' - p') s + q d - p``: one conv of stride ``s s'``, padding ``p + s p'``, dilation 1, its taps
+    at ``t d' s + q d`` (size ``d' s (k'-1) + d (k-1) + 1``). Exact where the outer does not pad that axis, or where
+    the inner's output continued past its border is zero, as the outer's padding reads it: stride 1 and
+    ``p >= d (k-1)`` (a 1xk on the axis its kernel does not span, ``k = 1, p = 0``, is). And where the outer pads
+    anywhere, the inner has no bias: its padding reads 0, not the bias the composed conv would add there.
+    """
+    si, so = inner.spec, outer.spec
+    for layer in (inner, outer):
+        if any(layer.spec.padding) and layer.spec.padding_mode != "zeros":
+            raise NotExact(f"{where}: {layer.spec.padding_mode} padding composes into no zero-padded conv", outer.node)
+    step, size = [], []
+    for a in range(si.dims):
+        k, s, d, p = inner.kernel_size[a], si.stride[a], si.dilation[a], si.padding[a]
+        k2, d2, p2 = outer.kernel_size[a], so.dilation[a], so.padding[a]
+        if p2 and (s != 1 or p < d * (k - 1)):
+            raise NotExact(f"{where}: the outer conv zero-pads spatial axis {a}, where the inner's output continued "
+                           f"past its border is not zero (inner padding {p} < {d * (k - 1)} or stride {s})",
+                           outer.node)
+        step.append(d2 * s)
+        size.append(d2 * s * (k2 - 1) + d * (k - 1) + 1)
+    if any(so.padding) and inner.bias is not None and bool(inner.bias.detach().any()):
+        raise NotExact(f"{where}: the outer conv zero-pads the inner's output, whose bias is not zero (border taps "
+                       "would read the bias, not 0)", outer.node)
+    spec = replace(so, stride=tuple(a * b for a, b in zip(si.stride, so.stride)),
+                   padding=tuple(p + s * p2 for p, s, p2 in zip(si.padding, si.stride, so.padding)),
+                   dilation=(1,) * si.dims, groups=math.gcd(inner.groups, outer.groups), padding_mode="zeros")
+    return spec, tuple(step), tuple(size)
+
+
+def _correlate(outer: Layer, inner: Layer, groups: int, step: tuple[int, ...], size: tuple[int, ...]
+               ) -> torch.Tensor:
+    """The kernel of ``outer(inner(x))`` for two spatial convs: each outer tap ``t`` mixes the inner kernel's
+    channels and places it at ``t * step`` (a full correlation per group, float64). Belongs in ``algebra.compose``."""
+    v = algebra.regroup(outer.weight, outer.groups, groups)
+    u = algebra.regroup(inner.weight, inner.groups, groups)
+    o, m, i = v.shape[0], u.shape[0], u.shape[1]
+    v = v.reshape(groups, o // groups, m // groups, *v.shape[2:])
+    u = u.reshape(groups, m // groups, i, *u.shape[2:])
+    dilation = inner.spec.dilation
+    w = torch.zeros(groups, o // groups, i, *size, dtype=u.dtype, device=u.device)
+    for tap in itertools.product(*(range(k) for k in v.shape[3:])):
+        window = tuple(slice(t * st, t * st + d * (k - 1) + 1, d)
+                       for t, st, d, k in zip(tap, step, dilation, u.shape[3:]))
+        w[(slice(None),) * 3 + window] += torch.einsum("gom,gmi...->goi...", v[(..., *tap)], u)
+    return w.reshape(o, i, *size)
+
+
+def _fold_spatial_pair(ctx: PassContext, inner: Layer, outer: Layer, padded_between: bool, where: str) -> bool:
+    """Two spatial convs in a row (a 1xk then a kx1) as one: where no costlier, or provisionally where a conv of the
+    same input in the same sum is at least as large (``branch_sum`` merges it there); refused with the reason else."""
+    gm = ctx.gm
+    if ops.conv(gm, inner.node) is None or ops.conv(gm, outer.node) is None:
+        return False  # an average pool in the pair: no kernel of its own to compose here
+    if padded_between:
+        raise NotExact(f"{where}: a pad written between two spatial convs: not composed", outer.node)
+    spec, step, size = _spatial_spec(inner, outer, where)
+    shape = (outer.weight.shape[0], inner.weight.shape[1] * inner.groups // spec.groups, *size)
+    has_bias = outer.bias is not None or inner.bias is not None
+    why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, _positions(inner)),
+                             cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
+                            _planned_cost(shape, has_bias, _positions(outer)))
+    if why is not None and (outer.node.meta.get(SPECULATION_UNDONE)
+                            or not _absorbed(outer.node, _absorbs_conv(gm, inner.input, size, spec))):
+        raise Costlier(f"{where}: not composed: {why}, and no conv of the same input in the same sum is as large",
+                       outer.node)
+    record = _provisional(inner, outer) if why is not None else None
+    weight = _correlate(outer, inner, spec.groups, step, size)
+    inner_bias = algebra.exact(inner.bias) if inner.bias is not None else None
     bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
     new = emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
                name=outer.name, at=inner.node)
@@ -172,7 +258,7 @@ def _fold_linear_pair(ctx: PassContext, outer: Layer) -> bool:
     return True
 
 
-@register_pass("sequential", "compose 1x1-kxk, kxk-1x1 (with DBB's BN-and-pad) and Linear-Linear pairs")
+@register_pass("sequential", "compose 1x1-kxk, kxk-1x1 (with DBB's BN-and-pad), 1xk-kx1 and Linear-Linear pairs")
 def sequential(ctx: PassContext, node: fx.Node) -> bool:
     conv = _conv_like(ctx.gm, node)
     if conv is not None:

@@ -139,3 +139,147 @@ def test_linear_pair_nothing_absorbs_is_refused_as_costlier():
     run = run_pass("sequential", _LowRankLinear(other_input=True), torch.randn(4, 16))  # base reads another tensor
     assert run.rewrites == 0 and "no linear of the same input" in run.reasons
     assert all(r.declined for r in run.refusals)
+
+
+def _dw(c: int, k, padding=0, stride=1, dilation=1, bias: bool = False, groups: int | None = None) -> nn.Conv2d:
+    return nn.Conv2d(c, c, k, stride=stride, padding=padding, dilation=dilation, groups=c if groups is None else groups,
+                     bias=bias)
+
+
+class _Separable(nn.Module):
+    """``full(x) + second(first(x))`` (RepNeXt-style decomposed kernel), the pair optionally with a BN after each,
+    and its first output optionally read alone too (so the sum cannot fold)."""
+
+    def __init__(self, full: nn.Module | None, first: nn.Module, second: nn.Module, shared: bool = False) -> None:
+        super().__init__()
+        self.full, self.first, self.second, self.shared = full, first, second, shared
+
+    def forward(self, x):
+        y = self.second(self.first(x))
+        if self.full is None:
+            return y
+        f = self.full(x)
+        return (f + y, f.mean()) if self.shared else f + y
+
+
+_FOLD = ["conv_bn", "sequential", "branch_sum", "cleanup", "settle_provisional"]
+
+
+def _fold(model: nn.Module, x: torch.Tensor):
+    from fxreparam.testing import randomize_batch_norms
+
+    model = randomize_batch_norms(model).eval()
+    gm, log = _run_to_fixpoint(model, x, _FOLD)
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        out, ref = gm(x), model(x)
+    out, ref = (out[0], ref[0]) if isinstance(ref, tuple) else (out, ref)
+    return convs, log, float((out - ref).abs().max() / ref.abs().max())
+
+
+def test_separable_depthwise_pair_in_a_sum_with_a_kxk_folds_to_one_conv():
+    model = _Separable(_dw(8, 3, 1, bias=True), _dw(8, (1, 3), (0, 1)), _dw(8, (3, 1), (1, 0)))
+    run = run_pass("sequential", model, torch.randn(2, 8, 9, 9))  # the composition alone: provisional, exact
+    assert (run.rewrites, run.count("conv"), run.error < 1e-6) == (1, 2, True)
+    convs, log, error = _fold(model, torch.randn(2, 8, 9, 9))
+    assert [(tuple(c.weight.shape), c.padding, c.groups) for c in convs] == [((8, 1, 3, 3), (1, 1), 8)]
+    assert error < 1e-6 and log.stats["settle_provisional"].rewrites == 0
+
+
+def test_separable_pair_in_the_other_order_folds():
+    model = _Separable(_dw(8, 3, 1), _dw(8, (3, 1), (1, 0)), _dw(8, (1, 3), (0, 1)))
+    convs, _, error = _fold(model, torch.randn(2, 8, 7, 10))
+    assert len(convs) == 1 and error < 1e-6
+
+
+def test_dense_separable_pair_folds():
+    model = _Separable(nn.Conv2d(6, 6, 5, padding=2), nn.Conv2d(6, 6, (1, 5), padding=(0, 2), bias=False),
+                       nn.Conv2d(6, 6, (5, 1), padding=(2, 0)))
+    convs, _, error = _fold(model, torch.randn(2, 6, 8, 8))
+    assert [tuple(c.weight.shape) for c in convs] == [(6, 6, 5, 5)] and error < 1e-6
+
+
+def test_smaller_separable_pair_folds_into_a_larger_kxk_strided():
+    # RepNeXt's stride-2 form: the 1xk strides along the axis its kernel spans, the kx1 along the other.
+    model = _Separable(_dw(8, 7, 3, stride=2), _dw(8, (1, 5), (0, 2), stride=(1, 2)), _dw(8, (5, 1), (2, 0), (2, 1)))
+    convs, _, error = _fold(model, torch.randn(2, 8, 15, 12))
+    assert [(tuple(c.weight.shape), c.stride) for c in convs] == [((8, 1, 7, 7), (2, 2))] and error < 1e-6
+
+
+def test_separable_pair_with_a_bn_after_each_conv():
+    # The outer conv does not zero-pad (the inner's BN shift reaches every tap): exact with both biases.
+    model = _Separable(nn.Sequential(_dw(8, 3, (0, 1)), nn.BatchNorm2d(8)),
+                       nn.Sequential(_dw(8, (1, 3), (0, 1)), nn.BatchNorm2d(8)),
+                       nn.Sequential(_dw(8, (3, 1)), nn.BatchNorm2d(8)))
+    convs, _, error = _fold(model, torch.randn(2, 8, 9, 9))
+    assert len(convs) == 1 and error < 1e-6
+
+
+def test_separable_pair_whose_outer_pads_the_inner_bias_is_refused():
+    model = _Separable(nn.Sequential(_dw(8, 3, 1), nn.BatchNorm2d(8)),
+                       nn.Sequential(_dw(8, (1, 3), (0, 1)), nn.BatchNorm2d(8)),
+                       nn.Sequential(_dw(8, (3, 1), (1, 0)), nn.BatchNorm2d(8)))
+    convs, log, error = _fold(model, torch.randn(2, 8, 9, 9))
+    assert len(convs) == 3 and error < 1e-6
+    (refusal,) = [r for r in log.refusals if r.pass_name == "sequential"]
+    assert not refusal.declined and "bias" in refusal.reason
+
+
+def test_separable_pair_not_in_a_sum_stays_and_is_listed():
+    run = run_pass("sequential", _Separable(None, _dw(8, (1, 3), (0, 1)), _dw(8, (3, 1), (1, 0))),
+                   torch.randn(2, 8, 9, 9))
+    assert run.rewrites == 0 and run.count("conv") == 2
+    (refusal,) = run.refusals
+    assert refusal.declined and "not composed" in refusal.reason and "no conv of the same input" in refusal.reason
+
+
+def test_kxk_pair_whose_inner_output_border_is_not_zero_is_refused():
+    # 3x3 (padding 1) then 3x3 (padding 1): the outer's zero rows are not the inner's output continued (a 5x5
+    # with padding 2 would read the inner's taps on the input's first rows there).
+    run = run_pass("sequential", _Separable(_dw(8, 5, 2), _dw(8, 3, 1), _dw(8, 3, 1)), torch.randn(2, 8, 9, 9))
+    assert run.rewrites == 0
+    (refusal,) = run.refusals
+    assert not refusal.declined and "past its border" in refusal.reason
+
+
+def test_kxk_pair_whose_inner_pads_fully_composes():
+    # The inner pads by its kernel less one: its output continued past its border is zero, as the outer pads.
+    run = run_pass("sequential", _Separable(_dw(8, 5, 3), _dw(8, 3, 2), _dw(8, 3, 1)), torch.randn(2, 8, 9, 9))
+    assert (run.rewrites, run.error < 1e-6) == (1, True)
+
+
+def test_separable_compositions_are_exact_across_strides_dilations_groups():
+    """Each pair the rule accepts (it composes provisionally, a conv of the composed size beside it) equals its
+    composition; the rest are refused as not exact, never applied."""
+    torch.manual_seed(0)
+    composed = refused = 0
+    for case in range(40):
+        g = torch.randint(0, 3, ()).item()
+        groups = (1, 2, 4)[g]
+        ki, ko = torch.randint(1, 4, (2, 2)).tolist()
+        pi, po = torch.randint(0, 3, (2, 2)).tolist()
+        si, so = torch.randint(1, 3, (2, 2)).tolist()
+        di, do = torch.randint(1, 3, (2, 2)).tolist()
+        if ki == [1, 1] or ko == [1, 1]:
+            continue
+        first = nn.Conv2d(4, 4, ki, stride=si, padding=pi, dilation=di, groups=groups, bias=False)
+        second = nn.Conv2d(4, 4, ko, stride=so, padding=po, dilation=do, groups=(1, 2, 4)[(g + case) % 3])
+        size = [do[a] * si[a] * (ko[a] - 1) + di[a] * (ki[a] - 1) + 1 for a in range(2)]
+        full = nn.Conv2d(4, 4, size, stride=[si[a] * so[a] for a in range(2)],
+                         padding=[pi[a] + si[a] * po[a] for a in range(2)])
+        run = run_pass("sequential", _Separable(full, first, second), torch.randn(1, 4, 13, 13))
+        if run.rewrites:
+            composed += 1
+            assert run.error < 1e-6, case
+        else:
+            refused += 1
+            assert run.refusals and not run.refusals[0].declined, case
+    assert composed >= 5 and refused >= 5
+
+
+def test_separable_pair_restored_when_the_sum_does_not_fold():
+    model = _Separable(_dw(8, 3, 1), _dw(8, (1, 3), (0, 1)), _dw(8, (3, 1), (1, 0)), shared=True)
+    convs, log, error = _fold(model, torch.randn(2, 8, 9, 9))
+    assert log.stats["settle_provisional"].rewrites == 1 and not log.unsettled
+    assert sorted(tuple(c.weight.shape) for c in convs) == [(8, 1, 1, 3), (8, 1, 3, 1), (8, 1, 3, 3)]
+    assert any("not composed" in r.reason for r in log.refusals) and error < 1e-6
