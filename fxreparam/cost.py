@@ -15,11 +15,11 @@ import torch
 from torch import fx
 
 from . import ops
-from .meta import concrete_shape
+from .meta import concrete_shape, fetch_attr
 
-__all__ = ["FOOTPRINT_LABELS", "MAX_CONSTANT_GROWTH", "PRECOMPUTE_FRACTION", "Cost", "Footprint", "footprint",
+__all__ = ["FOOTPRINT_LABELS", "PRECOMPUTE_FRACTION", "Cost", "Footprint", "footprint",
            "graph_cost", "kernel_cost", "node_positions", "precompute_budget", "result_costlier", "stored_elements",
-           "why_costlier", "why_not_stored"]
+           "stored_growth", "why_costlier", "why_not_stored"]
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,6 @@ def kernel_cost(weight: torch.Tensor, bias: torch.Tensor | None, positions: int,
     return Cost(stored, weight.numel() * per)
 
 
-MAX_CONSTANT_GROWTH = 1 << 22
-"""Largest precomputed kernel (elements) worth storing when it is bigger than all the stored tensors it comes from
-(a kernel built by padding or repeating a smaller one): the forward would build it every call anyway."""
-
-
 PRECOMPUTE_FRACTION = 0.01
 """The precompute budget: constants computed in forward (an anchor grid built from ``arange``, a gathered bias)
 are evaluated once and stored while the elements they add, summed over the whole model, stay within this fraction
@@ -65,20 +60,29 @@ small and known."""
 
 
 def precompute_budget(model_stored: int) -> int:
-    """Stored elements that precomputed non-kernel constants may add to a model storing ``model_stored``."""
+    """Stored elements that precomputed constants may add to a model storing ``model_stored``."""
     return int(PRECOMPUTE_FRACTION * model_stored)
+
+
+def stored_growth(numel: int, source_numel: int, *, kernel: bool) -> int:
+    """The stored elements charged to the precompute budget for storing a constant of ``numel`` elements computed
+    from ``source_numel`` stored ones. A conv or linear kernel replaces its sources (nothing else reads them once it
+    is stored): it is charged what it grew by. Any other constant is charged whole, an upper bound: its sources may
+    stay stored for other readers."""
+    return max(0, numel - source_numel) if kernel else numel
 
 
 def why_not_stored(numel: int, source_numel: int, *, kernel: bool, budget_left: int = 0) -> str | None:
     """Why a constant of ``numel`` elements computed from ``source_numel`` stored ones should stay in the
-    forward rather than be stored, or ``None``. A conv or linear kernel may grow up to
-    :data:`MAX_CONSTANT_GROWTH` (the layer reads it whole every call anyway); any other constant that grows by its
-    computation is stored only while its elements fit in ``budget_left``, what is left of the model's
-    :func:`precompute_budget` (the sources may stay stored for other readers, so all of ``numel`` is charged)."""
-    if numel <= source_numel or (kernel and numel <= MAX_CONSTANT_GROWTH) or numel <= budget_left:
+    forward rather than be stored, or ``None``: it is stored where it does not grow (a DiracNet kernel), or where
+    its charge (:func:`stored_growth`) fits in ``budget_left``, what is left of the model's
+    :func:`precompute_budget`. A kernel the forward builds by padding or masking a smaller parameter counts too: the
+    result never stores more than the model it was given beyond that budget."""
+    growth = stored_growth(numel, source_numel, kernel=kernel)
+    if numel <= source_numel or growth <= budget_left:
         return None
-    return (f"it would grow to {numel:,} stored elements from {source_numel:,}, more than the {budget_left:,} left of "
-            f"the precompute budget ({PRECOMPUTE_FRACTION:.0%} of the model's stored elements)")
+    return (f"it would grow to {numel:,} stored elements from {source_numel:,}, adding {growth:,}: more than the "
+            f"{budget_left:,} left of the precompute budget ({PRECOMPUTE_FRACTION:.0%} of the model's stored elements)")
 
 
 def why_costlier(before: Iterable[Cost], after: Cost) -> str | None:
@@ -155,8 +159,12 @@ FOOTPRINT_LABELS = ("stored elements", "MACs per sample", "conv", "linear", "bat
 
 
 def stored_elements(gm: fx.GraphModule) -> int:
-    """Floating elements of the parameters and buffers ``gm`` holds, each tensor once however often it is read."""
-    tensors = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()}
+    """Floating elements of the parameters and buffers ``gm`` holds and of the plain tensor attributes its graph
+    reads (torch.export's lifted constants, which the finalized module stores as buffers), each tensor once however
+    often it is read."""
+    attrs = [fetch_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"] if hasattr(gm, "graph") else []
+    tensors = {id(t): t for t in [*gm.parameters(), *gm.buffers(), *attrs]
+               if isinstance(t, torch.Tensor) and t.is_floating_point()}
     return sum(t.numel() for t in tensors.values())
 
 

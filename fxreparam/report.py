@@ -9,7 +9,7 @@ from dataclasses import astuple, dataclass, field
 from torch import fx, nn
 
 from . import ops
-from .cost import FOOTPRINT_LABELS, PRECOMPUTE_FRACTION, Footprint, graph_cost, result_costlier
+from .cost import FOOTPRINT_LABELS, PRECOMPUTE_FRACTION, Footprint, graph_cost, result_costlier, stored_elements
 from .pipeline import PassStat
 from .registry import Refusal
 from .verify import Verification
@@ -45,14 +45,8 @@ def count_ops(gm: fx.GraphModule) -> OpCounts:
             counts[kind] += 1
         elif not _is_bookkeeping(node) and not _is_tuple_tail(node):
             counts["other"] += 1
-    seen: set[int] = set()
-    numel = 0
-    for t in [*gm.parameters(), *gm.buffers()]:
-        if id(t) not in seen and t.is_floating_point():
-            seen.add(id(t))
-            numel += t.numel()
     return OpCounts(counts["conv"], counts["linear"], counts["batch_norm"], counts["add_sub"], counts["mul_div"],
-                    counts["other"], numel, graph_cost(gm).macs)
+                    counts["other"], stored_elements(gm), graph_cost(gm).macs)
 
 
 def _is_tuple_tail(node: fx.Node) -> bool:

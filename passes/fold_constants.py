@@ -108,7 +108,9 @@ def fold_constants(ctx: PassContext) -> int:
     # The values a data-dependent op reads: computed constants with a consumer outside the constant set.
     boundary = [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
     env: dict[fx.Node, Any] = dict(_stand_ins(const))
-    leaves: dict[fx.Node, int] = dict.fromkeys(env, 0)  # stored elements each constant comes from (an upper bound)
+    # The stored tensors each constant is computed from (distinct: a chain of select / select_scatter reads one
+    # tensor along many paths, and counting paths would make a kernel built from a few scalars look free).
+    sources: dict[fx.Node, frozenset[fx.Node]] = dict.fromkeys(env, frozenset())
 
     def ancestors(root: fx.Node) -> list[fx.Node]:
         seen, stack = set(), [root]
@@ -124,7 +126,8 @@ def fold_constants(ctx: PassContext) -> int:
         try:
             for n in ancestors(node):
                 evaluate.run(gm, [n], env)
-                leaves[n] = _numel(env[n]) if n.op == "get_attr" else sum(leaves[i] for i in n.all_input_nodes)
+                sources[n] = frozenset((n,)) if n.op == "get_attr" else frozenset().union(
+                    *(sources[i] for i in n.all_input_nodes))
         except Exception as err:  # an op that cannot run outside the forward: leave it to run there
             ctx.refuse(node, f"constant {node.name} could not be precomputed: {type(err).__name__}: {err}")
             continue
@@ -133,12 +136,12 @@ def fold_constants(ctx: PassContext) -> int:
             continue
         kernel = all(u in const or ops.reads_as_kernel(u, node) for u in node.users)
         budget = precompute_budget(gm)
-        why = cost.why_not_stored(value.numel(), leaves[node], kernel=kernel, budget_left=budget.left)
+        stored = sum(_numel(env[s]) for s in sources[node])
+        why = cost.why_not_stored(value.numel(), stored, kernel=kernel, budget_left=budget.left)
         if why is not None:
             ctx.refuse(node, f"constant {node.name} is computed in forward: {why}", costlier=True)
             continue
-        if not kernel:  # its sources may stay stored for other readers: charged whole, an upper bound of growth
-            budget.spent += value.numel()
+        budget.spent += cost.stored_growth(value.numel(), stored, kernel=kernel)
         name = f"_fxreparam_const_{len(gm._buffers)}"
         while hasattr(gm, name):
             name += "_"

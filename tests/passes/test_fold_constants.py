@@ -69,11 +69,58 @@ class _GatheredBias(nn.Module):
         return F.conv2d(x, F.pad(self.small, (1, 1, 1, 1)), padding=2), attn
 
 
-def test_only_a_kernel_may_grow_when_it_is_precomputed():
+def test_a_constant_that_grows_is_precomputed_only_within_the_budget():
+    """A kernel padded in forward adds what it grew by, a gathered bias all of itself; on a model this small the
+    precompute budget (1% of its stored elements) holds neither, so both stay in forward (the result would store
+    more than the model it was given)."""
     run = run_pass("fold_constants", _GatheredBias(), torch.randn(1, 2, 4, 4))
     assert run.error < 1e-6
-    assert run.rewrites == 1  # the padded kernel: the conv reads it whole every call anyway
-    assert "would grow to 256 stored elements from 18" in run.reasons  # the gathered bias stays in forward
+    assert run.rewrites == 0
+    assert "would grow to 200 stored elements from 72, adding 128" in run.reasons  # the padded kernel
+    assert "would grow to 256 stored elements from 18, adding 256" in run.reasons  # the gathered bias
+
+
+class _GatheredBiasBeside(_GatheredBias):
+    """:class:`_GatheredBias` beside a 20,000-element layer: a budget of 200, which the padded kernel's growth of
+    128 fits and the gathered bias (256) then does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(100, 200, bias=False)
+
+    def forward(self, x):
+        y, attn = super().forward(x)
+        return y, attn, self.fc(x.flatten(1).repeat(1, 4)[:, :100])
+
+
+def test_a_kernel_that_grows_is_precomputed_where_the_budget_holds_it():
+    run = run_pass("fold_constants", _GatheredBiasBeside(), torch.randn(1, 2, 4, 4))
+    assert run.error < 1e-6
+    assert run.rewrites == 1  # the padded kernel: 128 of the 200
+    assert "would grow to 256 stored elements from 18, adding 256: more than the 72 left" in run.reasons
+
+
+def test_a_kernel_built_from_a_few_scalars_is_charged_for_its_growth():
+    """A mask written into a zero tensor through views (select / select_scatter chains read the zeros along many
+    paths) times a learned scale: its sources are the scale and two scalars, not one per path, so the
+    kernel's 144 elements grow the model by 126 and the small model's budget does not hold them."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(16, 1, 1, 1))
+
+        def forward(self, x):
+            mask = torch.zeros(16, 1, 3, 3, dtype=x.dtype)
+            mask[:, 0, 0, 1] = 1.0
+            mask[:, 0, 1, 0] = 2.0
+            mask[:, 0, 2, 1].fill_(-1.0)
+            return F.conv2d(x, self.scale * mask, padding=1, groups=16)
+
+    run = run_pass("fold_constants", Masked(), torch.randn(1, 16, 6, 6))
+    assert run.error < 1e-6
+    assert run.rewrites == 0
+    assert "would grow to 144 stored elements from 18, adding 126" in run.reasons
 
 
 class _AnchorHead(nn.Module):
