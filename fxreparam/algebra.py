@@ -8,6 +8,7 @@ a transposed-conv weight ``[I, O/g, *k]``, a linear weight ``[O, I]``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -351,6 +352,23 @@ def compose(outer: torch.Tensor, outer_groups: int, inner: torch.Tensor, inner_g
     else:
         raise ValueError("compose needs one pointwise (1x1) kernel")
     return w.reshape(o, i, *w.shape[3:]), groups
+
+
+def correlate(outer: torch.Tensor, outer_groups: int, inner: torch.Tensor, inner_groups: int, groups: int, *,
+              step: Sequence[int], dilation: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Kernel of ``outer(inner(x))`` for two spatial convs, at ``groups`` (REPARAM §6, §9): each outer tap ``t``
+    mixes the inner kernel's channels and lands at ``t * step`` (the outer's dilation times the inner's stride),
+    the inner's taps spaced by its ``dilation``; ``size`` is the composed kernel's (a full correlation per group)."""
+    v, u = regroup(outer, outer_groups, groups), regroup(inner, inner_groups, groups)
+    o, m, i = v.shape[0], u.shape[0], u.shape[1]
+    v = v.reshape(groups, o // groups, m // groups, *v.shape[2:])
+    u = u.reshape(groups, m // groups, i, *u.shape[2:])
+    w = torch.zeros(groups, o // groups, i, *size, dtype=torch.promote_types(u.dtype, v.dtype), device=u.device)
+    for tap in itertools.product(*(range(k) for k in v.shape[3:])):
+        window = tuple(slice(t * st, t * st + d * (k - 1) + 1, d) for t, st, d, k in zip(tap, step, dilation,
+                                                                                            u.shape[3:]))
+        w[(slice(None),) * 3 + window] += torch.einsum("gom,gmi...->goi...", v[(..., *tap)], u)
+    return w.reshape(o, i, *size)
 
 
 def compose_bias(outer: torch.Tensor, outer_bias: torch.Tensor | None, outer_groups: int,

@@ -17,7 +17,6 @@ the sum does not fold after all, ``settle_provisional`` restores the pair.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -171,24 +170,6 @@ def _spatial_spec(inner: Layer, outer: Layer, where: str) -> tuple[ConvSpec, tup
     return spec, tuple(step), tuple(size)
 
 
-def _correlate(outer: Layer, inner: Layer, groups: int, step: tuple[int, ...], size: tuple[int, ...]
-               ) -> torch.Tensor:
-    """The kernel of ``outer(inner(x))`` for two spatial convs: each outer tap ``t`` mixes the inner kernel's
-    channels and places it at ``t * step`` (a full correlation per group, float64). Belongs in ``algebra.compose``."""
-    v = algebra.regroup(outer.weight, outer.groups, groups)
-    u = algebra.regroup(inner.weight, inner.groups, groups)
-    o, m, i = v.shape[0], u.shape[0], u.shape[1]
-    v = v.reshape(groups, o // groups, m // groups, *v.shape[2:])
-    u = u.reshape(groups, m // groups, i, *u.shape[2:])
-    dilation = inner.spec.dilation
-    w = torch.zeros(groups, o // groups, i, *size, dtype=u.dtype, device=u.device)
-    for tap in itertools.product(*(range(k) for k in v.shape[3:])):
-        window = tuple(slice(t * st, t * st + d * (k - 1) + 1, d)
-                       for t, st, d, k in zip(tap, step, dilation, u.shape[3:]))
-        w[(slice(None),) * 3 + window] += torch.einsum("gom,gmi...->goi...", v[(..., *tap)], u)
-    return w.reshape(o, i, *size)
-
-
 def _fold_spatial_pair(ctx: PassContext, inner: Layer, outer: Layer, padded_between: bool, where: str) -> bool:
     """Two spatial convs in a row (a 1xk then a kx1) as one: where no costlier, or provisionally where a conv of the
     same input in the same sum is at least as large (``branch_sum`` merges it there); refused with the reason else."""
@@ -208,7 +189,8 @@ def _fold_spatial_pair(ctx: PassContext, inner: Layer, outer: Layer, padded_betw
         raise Costlier(f"{where}: not composed: {why}, and no conv of the same input in the same sum is as large",
                        outer.node)
     record = _provisional(inner, outer) if why is not None else None
-    weight = _correlate(outer, inner, spec.groups, step, size)
+    weight = algebra.correlate(outer.weight, outer.groups, inner.weight, inner.groups, spec.groups, step=step,
+                               dilation=inner.spec.dilation, size=size)
     inner_bias = algebra.exact(inner.bias) if inner.bias is not None else None
     bias = algebra.compose_bias(outer.weight, outer.bias, outer.groups, inner_bias)
     new = emit(gm, spec, weight, bias, input=inner.input, replaces=outer.node, storage=outer.storage,
