@@ -19,6 +19,7 @@ from .capture import Captured, copy_model
 from .capture import capture as capture_graph
 from .core import Outcome, Source, fold
 from .errors import CaptureInputError, VerificationError
+from .meta import export_value
 from .registry import Pass, list_passes, resolve
 from .verify import Reference, fresh_copies, state_kept
 
@@ -88,7 +89,7 @@ def _dynamic_dims(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> li
     placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(leaves):
         return None
-    return [tuple(d for d, n in enumerate(getattr(node.meta.get("val"), "shape", ())) if isinstance(n, torch.SymInt))
+    return [tuple(d for d, n in enumerate(getattr(export_value(node), "shape", ())) if isinstance(n, torch.SymInt))
             for node in placeholders]
 
 

@@ -33,6 +33,7 @@ from torch import fx
 from .core import Outcome, Source, fold
 from .deploy import INNER_COMPILERS, compile_with
 from .frozen import compile_frozen, freeze, lift_scalars
+from .meta import dynamo_value
 from .mutation import mark_written
 from .registry import Pass, list_passes, resolve
 from .report import Report, count_ops
@@ -139,7 +140,7 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _traced_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...]]:
     """The shape Dynamo traced each input with (SymInts where it is symbolic; () for a non-tensor)."""
-    values = [n.meta.get("example_value") for n in _placeholders(gm)]
+    values = [dynamo_value(n) for n in _placeholders(gm)]
     return [tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in values]
 
 
@@ -180,7 +181,7 @@ def functionalize(gm: fx.GraphModule, placeholders: list[fx.Node], inputs: Seque
         with torch.no_grad():
             if all(isinstance(x, torch.Tensor) for x in inputs) and not _symbolic(placeholders):
                 return make_fx(fn)(*[x.detach().clone() for x in inputs]), True
-            return _symbolic_trace(fn, [p.meta.get("example_value") for p in placeholders]), True
+            return _symbolic_trace(fn, [dynamo_value(p) for p in placeholders]), True
     except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
         log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
         return gm, False
@@ -188,7 +189,7 @@ def functionalize(gm: fx.GraphModule, placeholders: list[fx.Node], inputs: Seque
 
 def _symbolic(placeholders: list[fx.Node]) -> bool:
     """Whether Dynamo traced any of these inputs with a symbolic size."""
-    return any(isinstance(n, torch.SymInt) for p in placeholders for n in getattr(p.meta.get("example_value"),
+    return any(isinstance(n, torch.SymInt) for p in placeholders for n in getattr(dynamo_value(p),
                                                                                    "shape", ()))
 
 

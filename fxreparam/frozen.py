@@ -18,8 +18,8 @@ import torch
 from torch import fx, nn
 
 from .graph import inline_layers
-from .meta import clean_path
-from .mutation import WRITTEN, mark_written
+from .meta import clean_path, dynamo_graph_arg, written
+from .mutation import mark_written
 
 __all__ = ["compile_frozen", "freeze", "frozen_inductor", "lift_scalars", "on_runtime_inputs", "runtime_positions"]
 
@@ -28,7 +28,7 @@ def _stored_tensor(node: fx.Node, value: Any) -> str | None:
     """The model path of a placeholder that Dynamo lifted from a parameter or buffer, else ``None``."""
     if not isinstance(value, torch.Tensor):
         return None
-    arg = node.meta.get("grapharg")
+    arg = dynamo_graph_arg(node)
     name = arg.source.name() if arg is not None and callable(getattr(arg.source, "name", None)) else (
         getattr(getattr(arg, "source", None), "name", None))
     if isinstance(name, str) and ("._parameters[" in name or "._buffers[" in name):
@@ -44,7 +44,7 @@ def runtime_positions(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list
     mark_written(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
-            if _stored_tensor(n, x) is None or n.meta.get(WRITTEN)]
+            if _stored_tensor(n, x) is None or written(n)]
 
 
 def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:

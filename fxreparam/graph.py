@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import algebra
-from .meta import Storage, module_path
+from .meta import (
+    PROVISIONAL,
+    Storage,
+    copy_but_written,
+    module_path,
+    provisional_record,
+    set_path,
+    set_provisional_record,
+)
 from .mutation import eliminate_dead_code, erase_dead
 from .spec import ConvSpec, Spec
 
@@ -117,8 +125,8 @@ def insert_layer(gm: fx.GraphModule, spec: Spec, weight: torch.Tensor, bias: tor
     target = _shared_target(gm, build_module(spec, weight, bias, storage))
     with gm.graph.inserting_before(before):
         new = call_module(gm.graph, target, input, name)
-    new.meta.update({k: v for k, v in like.meta.items() if k != "fxreparam_written"})
-    new.meta["fxreparam_path"] = name
+    copy_but_written(like, new)
+    set_path(new, name)
     return new
 
 
@@ -225,18 +233,15 @@ class Provisional:
     second: LayerParts
 
 
-PROVISIONAL = "fxreparam_provisional"
-
-
 def mark_provisional(node: fx.Node, record: Provisional) -> None:
     """Record on ``node`` that it is a provisional composition (read back by :func:`provisional`)."""
-    node.meta[PROVISIONAL] = record
+    set_provisional_record(node, record)
 
 
 def provisional(node: fx.Node) -> Provisional | None:
     """The provisional composition ``node`` still is, or None: a node that a later fold rewrote (it calls another
     kernel or reads another input, though it may have copied the metadata) is no longer the one recorded."""
-    record = node.meta.get(PROVISIONAL)
+    record = provisional_record(node)
     if record is None or node.op != "call_module" or node.target != record.target or node.args != (record.input,):
         return None
     return record

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .meta import module_path
+from .meta import WRITTEN, module_path, set_written
 
-__all__ = ["eliminate_dead_code", "erase_dead", "mark_written", "mutates_first_arg", "removable"]
-
-WRITTEN = "fxreparam_written"
+# WRITTEN is meta.WRITTEN, kept importable here for the passes that still read the key by name.
+__all__ = ["WRITTEN", "eliminate_dead_code", "erase_dead", "mark_written", "mutates_first_arg", "removable"]
 
 _FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.GELU,
                   nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax,
@@ -90,7 +89,7 @@ def _benign(write: fx.Node) -> bool:
 
 
 def mark_written(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
-    """Flag (``node.meta["fxreparam_written"]``) every value that may be written in place, itself or through
+    """Flag (:func:`fxreparam.meta.set_written`) every value that may be written in place, itself or through
     a tensor sharing its storage; returns each tensor written, with why. Linear in graph size (union-find)."""
     parent: dict[fx.Node, fx.Node] = {}
 
@@ -122,8 +121,8 @@ def mark_written(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
         root = find(node)
         if root in written:
             writer = by_class[root]
-            node.meta[WRITTEN] = (f"{node.name} may be written in place by {writer.name} ('{module_path(writer)}'), "
-                                  "directly or through a view")
+            set_written(node, f"{node.name} may be written in place by {writer.name} ('{module_path(writer)}'), "
+                                 "directly or through a view")
     return [(w.args[0], f"{w.args[0].name} is written in place by {w.name} ('{module_path(w)}'), directly or "
                         "through a view: folds that read it are blocked (pass example inputs: torch.export captures "
                         "a functional graph)") for w in writes if isinstance(w.args[0], fx.Node)]

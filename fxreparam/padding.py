@@ -20,7 +20,7 @@ from torch import fx
 
 from . import evaluate, ops
 from .graph import position
-from .meta import concrete_shape
+from .meta import concrete_shape, recorded_value
 
 __all__ = ["BorderPad", "padded_by_value"]
 
@@ -31,7 +31,7 @@ _DATA_MOVEMENT = {"slice", "select", "narrow", "view", "expand", "unsqueeze", "s
 
 def _int_value(node: fx.Node) -> int | None:
     """The example value of a shape query (``x.size(0)``, ``aten.sym_size``), from capture's metadata."""
-    val = node.meta.get("val", node.meta.get("example_value"))
+    val = recorded_value(node)
     if isinstance(val, int) and not isinstance(val, bool):
         return val
     if isinstance(val, torch.SymInt):

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from . import ops
 from .cost import FOOTPRINT_LABELS, PRECOMPUTE_FRACTION, Footprint, graph_cost, result_costlier, stored_elements
+from .meta import is_guard
 from .pipeline import PassStat
 from .registry import Refusal
 from .verify import Verification
@@ -56,7 +57,7 @@ def _is_tuple_tail(node: fx.Node) -> bool:
 
 def _is_bookkeeping(node: fx.Node) -> bool:
     """getitem on a tuple, shape queries and similar: no work at run time."""
-    if node.meta.get("fxreparam_guard"):
+    if is_guard(node):
         return True  # the input-shape check
     name = getattr(node.target, "__name__", str(node.target))
     return name in ("getitem", "getattr", "size", "sym_size", "dim") or name.startswith("sym_size")

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fxreparam import algebra, ops
 from fxreparam.graph import emit, replace
-from fxreparam.meta import concrete_shape, fetch_attr
+from fxreparam.meta import concrete_shape, fetch_attr, recorded_value
 from fxreparam.registry import NotExact, PassContext, register_pass
 from fxreparam.spec import Layer
 
@@ -55,7 +55,7 @@ def _sizes(node: fx.Node) -> list[str] | None:
     """``node``'s recorded sizes as written, a symbolic one by its expression (``s0``), a static one as ``None``:
     which dims vary with the input (a dynamic batch). Where capture recorded sizes without saying which vary
     (symbolic_trace's example shapes), dim 0 is taken to be a batch that may (the graph runs at any size)."""
-    value = node.meta.get("val", node.meta.get("example_value"))
+    value = recorded_value(node)
     shape = getattr(value, "shape", None)
     if shape is None:
         ndim = len(concrete_shape(node) or ())

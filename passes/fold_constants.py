@@ -17,7 +17,7 @@ from torch import fx
 
 from fxreparam import cost, evaluate, ops
 from fxreparam.graph import position
-from fxreparam.meta import device_recorded, storage
+from fxreparam.meta import device_recorded, storage, written
 from fxreparam.registry import PassContext, register_pass
 
 _aten = torch.ops.aten
@@ -45,7 +45,7 @@ def _constant_nodes(graph: fx.Graph) -> set[fx.Node]:
     the dtype and device of any other value, which capture fixed)."""
     const: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.meta.get("fxreparam_written"):
+        if written(node):
             continue  # written in place somewhere (symbolic_trace graphs): its value depends on when it is read
         if node.op == "get_attr" or (evaluate.deterministic(node) and all(
                 n in const for n in node.all_input_nodes if n not in metadata_reads(node))):

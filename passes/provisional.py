@@ -13,9 +13,8 @@ from __future__ import annotations
 from torch import fx
 
 from fxreparam.graph import insert_layer, live_nodes, provisional, replace
+from fxreparam.meta import drop_provisional, mark_speculation_undone
 from fxreparam.registry import PassContext, register_pass
-
-from .sequential import SPECULATION_UNDONE
 
 _SEEN = "_fxreparam_settle_fingerprint"
 
@@ -35,9 +34,9 @@ def restore(gm: fx.GraphModule, node: fx.Node) -> None:
     second = insert_layer(gm, record.second.spec, record.second.weight, record.second.bias, input=first,
                           before=node, storage=record.second.storage, name=record.second.name, like=node)
     second.meta.update(record.second.meta)
-    second.meta[SPECULATION_UNDONE] = True
+    mark_speculation_undone(second)
     for restored in (first, second):
-        restored.meta.pop("fxreparam_provisional", None)
+        drop_provisional(restored)
     replace(node, second)
 
 

@@ -1,7 +1,8 @@
 """The import layers of fxreparam, read from the source: no import runs back up, and no module-level import circle.
 
 Layers, bottom up (a module imports only its own layer and the layers below it):
-errors -> capture -> recognizers -> kernel math and cost -> passes -> pipeline -> verify -> entry points.
+errors and metadata keys -> capture -> recognizers -> kernel math and cost -> passes -> pipeline -> verify ->
+entry points.
 Imports under ``if TYPE_CHECKING:`` are left out (they never run); imports inside functions count for the
 layers (they run back up all the same) but not for circles (they do not run at import time).
 """
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Each module by name prefix (the longest prefix wins); ``passes/`` ships as ``fxreparam.passes``.
 LAYERS: dict[str, int] = {
-    "fxreparam.errors": 0,
+    **dict.fromkeys(("fxreparam.errors", "fxreparam.meta"), 0),  # meta: the node-metadata keys, capture writes them
     "fxreparam.capture": 1,
-    **dict.fromkeys(("fxreparam.meta", "fxreparam.spec", "fxreparam.ops", "fxreparam.mutation",
+    **dict.fromkeys(("fxreparam.spec", "fxreparam.ops", "fxreparam.mutation",
                      "fxreparam.evaluate"), 2),
     **dict.fromkeys(("fxreparam.algebra", "fxreparam.cost", "fxreparam.graph", "fxreparam.crops",
                      "fxreparam.padding", "fxreparam.branches"), 3),

@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ShapeError
+from ..meta import copy_value, export_value, mark_guard
 
 GUARD = "_guards_fn"  # torch.export's name for its input-guard submodule; the guard node keeps it
 
@@ -190,7 +191,7 @@ def input_spec(program: Any) -> list[InputSpec]:
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     spec: list[InputSpec] = []
     for name in names:
-        val = nodes[name].meta.get("val") if name in nodes else None
+        val = export_value(nodes[name]) if name in nodes else None
         if not isinstance(val, torch.Tensor):
             spec.append(InputSpec(name, None, {}, {}))
             continue
@@ -217,10 +218,10 @@ def _install_guard(gm: fx.GraphModule, guard: InputGuard) -> None:
     with graph.inserting_after(placeholders[-1]):
         call = graph.create_node("call_module", GUARD, tuple(placeholders), {},
                                  name=f"{placeholders[0].name}_checked" if guard.single else "inputs_checked")
-    call.meta["fxreparam_guard"] = True
+    mark_guard(call)
     anchor = call
     for i, ph in enumerate(placeholders):
-        val = ph.meta.get("val")
+        val = export_value(ph)
         if val is not None and not isinstance(val, torch.Tensor):
             continue  # a non-tensor input (a number): nothing to read through the guard
         if guard.single:
@@ -230,7 +231,7 @@ def _install_guard(gm: fx.GraphModule, guard: InputGuard) -> None:
                 checked = graph.create_node("call_function", operator.getitem, (call, i), {},
                                             name=f"{ph.name}_checked")
             anchor = checked
-        checked.meta.update({k: v for k, v in ph.meta.items() if k in ("val", "tensor_meta", "example_value")})
+        copy_value(ph, checked)
         ph.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not call)
     gm.recompile()
 

@@ -12,8 +12,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError
-
-OPAQUE = "fxreparam_opaque"  # node.meta key: why a call_module must be kept as it is (recognizers skip it)
+from ..meta import OPAQUE, mark_opaque  # noqa: F401 (OPAQUE: re-exported as capture.OPAQUE)
 
 
 def _standard_class(cls: type) -> type | None:
@@ -45,7 +44,7 @@ class _Tracer(fx.Tracer):
     The stock ``Tracer.getattr`` scans every named parameter each time ``forward`` reads one,
     which is quadratic in depth for models that use their parameters directly (DiracNet).
     A module with hooks, or a torch layer subclass that overrides ``forward`` (QAT's fake-quantized
-    convs), is traced as a leaf whose node carries ``meta["fxreparam_opaque"]`` (the reason).
+    convs), is traced as a leaf whose node carries :data:`fxreparam.meta.OPAQUE` (the reason).
     """
 
     proxy_buffer_attributes = True  # a buffer read is a node: a write into it (``self.count.add_(1)``) is recorded
@@ -68,7 +67,7 @@ class _Tracer(fx.Tracer):
         reason = opaque_reason(m, fx.Tracer.is_leaf_module(self, m, self.path_of_module(m)))
         out = super().call_module(m, forward, args, kwargs)
         if reason is not None and isinstance(out, fx.Proxy):
-            out.node.meta[OPAQUE] = reason
+            mark_opaque(out.node, reason)
         return out
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .. import algebra
-from ..meta import concrete_shape, module_path
+from ..meta import concrete_shape, export_value, module_path
 from ..spec import ConvSpec, Layer, LinearSpec
 from .targets import (
     _BINARY_METHODS,
@@ -241,7 +241,7 @@ def binary(node: fx.Node) -> Binary | None:
         return None
     if len(node.args) != 2 or set(node.kwargs) - {"alpha"} or opaque(node):
         return None
-    if isinstance(node.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat)):
+    if isinstance(export_value(node), (int, float, torch.SymInt, torch.SymFloat)):
         return None  # arithmetic on sizes, not on tensors
     alpha = node.kwargs.get("alpha", 1)
     if (op in ("mul", "div") and "alpha" in node.kwargs) or isinstance(alpha, fx.Node):

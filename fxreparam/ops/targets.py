@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..meta import fetch_attr
+from ..meta import fetch_attr, marked_opaque, written
 
 aten = torch.ops.aten
 
@@ -43,7 +43,7 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
 def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     """The value of ``arg`` if it is known before the forward runs (a stored tensor or a number)."""
     if isinstance(arg, fx.Node):
-        if arg.op == "get_attr" and not arg.meta.get("fxreparam_written"):
+        if arg.op == "get_attr" and not written(arg):
             value = fetch_attr(gm, arg.target)
             return value if isinstance(value, torch.Tensor) else None
         return None
@@ -54,7 +54,7 @@ def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
 
 def opaque(node: fx.Node) -> str | None:
     """Why ``node`` must be kept as it is (capture marked it, or its value may be written in place), or None."""
-    return node.meta.get("fxreparam_opaque") or node.meta.get("fxreparam_written")
+    return marked_opaque(node) or written(node)
 
 
 def _standard_module(gm: fx.GraphModule, node: fx.Node, classes: tuple[type, ...] | type) -> nn.Module | None:
