@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .capture.functional import functionalize_traced
 from .core import Outcome, Source, fold
 from .deploy import INNER_COMPILERS, compile_with
 from .frozen import compile_frozen, freeze, lift_scalars
@@ -162,48 +163,9 @@ def region(gm: fx.GraphModule, inputs: Sequence[Any]) -> Region:
     scalars = lift_scalars(frozen, inputs, keep)
     tensors = [i for i in keep if isinstance(inputs[i], torch.Tensor) and i not in scalars]
     shapes = _traced_shapes(gm)
-    functional, changed = functionalize(frozen, [_placeholders(gm)[i] for i in keep], [inputs[i] for i in keep])
+    functional, changed = functionalize_traced(frozen, [_placeholders(gm)[i] for i in keep], [inputs[i] for i in keep],
+                                               writes=mark_written)
     return Region(functional, inputs, keep, scalars, _size_sources(shapes, inputs, tensors), tensors, shapes, changed)
-
-
-def functionalize(gm: fx.GraphModule, placeholders: list[fx.Node], inputs: Sequence[Any]
-                  ) -> tuple[fx.GraphModule, bool]:
-    """``gm`` with its in-place writes turned into data flow (Dynamo's graphs keep ``x += y`` and ``relu_``, which
-    block every fold that reads the written value; a write into an input becomes one copy into it at the end),
-    and whether it changed. Traced on real copies of ``inputs``, or, where the region takes symbolic sizes, on the
-    tensors Dynamo traced with, so the result keeps the symbolic shapes; ``gm`` itself where it writes nothing."""
-    if not mark_written(gm):
-        return gm, False
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    fn = torch.func.functionalize(gm, remove="mutations_and_views")
-    try:
-        with torch.no_grad():
-            if all(isinstance(x, torch.Tensor) for x in inputs) and not _symbolic(placeholders):
-                return make_fx(fn)(*[x.detach().clone() for x in inputs]), True
-            return _symbolic_trace(fn, [dynamo_value(p) for p in placeholders]), True
-    except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
-        log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
-        return gm, False
-
-
-def _symbolic(placeholders: list[fx.Node]) -> bool:
-    """Whether Dynamo traced any of these inputs with a symbolic size."""
-    return any(isinstance(n, torch.SymInt) for p in placeholders for n in getattr(dynamo_value(p),
-                                                                                   "shape", ()))
-
-
-def _symbolic_trace(fn: Callable[..., Any], fakes: list[Any]) -> fx.GraphModule:
-    """``fn`` traced on the tensors Dynamo traced with, in its fake mode: the graph keeps the symbolic sizes."""
-    from torch._guards import detect_fake_mode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    mode = detect_fake_mode(fakes)
-    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True  # the frozen weights are real tensors
-    try:
-        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
-    finally:
-        mode.allow_non_fake_inputs = allowed
 
 
 def _training(gm: fx.GraphModule) -> fx.Node | None:

@@ -1,16 +1,25 @@
-"""Functionalization of an exported program's graph: in-place writes become out-of-place ops (directly where
-the written tensor is one the forward made, or a select/slice/diagonal view of one; else through
-``run_decompositions``, which traces the whole program again), metadata asserts go."""
+"""Functionalization, for both ways into the engine. An exported program's graph (:func:`_to_graph`): in-place
+writes become out-of-place ops (directly where the written tensor is one the forward made, or a select/slice/diagonal
+view of one; else through ``run_decompositions``, which traces the whole program again), metadata asserts go. A graph
+Dynamo captured for the ``"fxreparam"`` backend (:func:`functionalize_traced`): ``torch.func.functionalize`` and a
+re-trace with ``make_fx``, on the region's inputs or, under symbolic sizes, on the fake tensors Dynamo traced with."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ..meta import dynamo_value
 from .guard import GUARD, _flatten_by_spec, guarded_module
+
+__all__ = ["functionalize_traced"]
+
+log = logging.getLogger("fxreparam")
 
 
 def _strip_metadata_asserts(gm: fx.GraphModule) -> bool:
@@ -202,3 +211,47 @@ def _to_graph(program: Any, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, 
         for i, name, dims in zip(order, guard.names, guard.dynamic):
             names[i], dynamic[i] = name, dims
     return gm, shapes, dynamic, names
+
+
+def functionalize_traced(gm: fx.GraphModule, placeholders: list[fx.Node], inputs: Sequence[Any], *,
+                         writes: Callable[[fx.GraphModule], Any]) -> tuple[fx.GraphModule, bool]:
+    """``gm`` (a graph Dynamo captured) with its in-place writes turned into data flow, and whether it changed.
+
+    Dynamo's graphs keep ``x += y`` and ``relu_``, which block every fold that reads the written value; a write into
+    an input becomes one copy into it at the end. ``writes`` flags the values ``gm`` writes in place and returns them
+    (``mutation.mark_written``, passed in: it lies a layer above capture); ``gm`` itself comes back where it writes
+    nothing, or where functionalization fails (logged: the folds that read the writes are then refused and reported).
+    Traced on real copies of ``inputs``, or, where ``placeholders`` were traced with symbolic sizes, on the tensors
+    Dynamo traced with, so the result keeps the symbolic shapes.
+    """
+    if not writes(gm):
+        return gm, False
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn = torch.func.functionalize(gm, remove="mutations_and_views")
+    try:
+        with torch.no_grad():
+            if all(isinstance(x, torch.Tensor) for x in inputs) and not _symbolic(placeholders):
+                return make_fx(fn)(*[x.detach().clone() for x in inputs]), True
+            return _symbolic_trace(fn, [dynamo_value(p) for p in placeholders]), True
+    except Exception as err:  # leave the writes in place: the folds that read them are refused and reported
+        log.info("fxreparam backend: region not functionalized (%s: %s)", type(err).__name__, err)
+        return gm, False
+
+
+def _symbolic(placeholders: list[fx.Node]) -> bool:
+    """Whether Dynamo traced any of these inputs with a symbolic size."""
+    return any(isinstance(n, torch.SymInt) for p in placeholders for n in getattr(dynamo_value(p), "shape", ()))
+
+
+def _symbolic_trace(fn: Callable[..., Any], fakes: list[Any]) -> fx.GraphModule:
+    """``fn`` traced on the tensors Dynamo traced with, in its fake mode: the graph keeps the symbolic sizes."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode = detect_fake_mode(fakes)
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True  # the frozen weights are real tensors
+    try:
+        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+    finally:
+        mode.allow_non_fake_inputs = allowed
