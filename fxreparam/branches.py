@@ -11,6 +11,7 @@ REPARAM §3's conditions and builds the single kernel with :mod:`fxreparam.algeb
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,6 +192,28 @@ def sum_terms(root: fx.Node) -> list[tuple[Any, float]]:
 
 
 # ----------------------------------------------------------------------------- merging
+
+
+def summed_with(node: fx.Node, fits: Callable[[fx.Node], bool]) -> bool:
+    """Whether ``node`` is a term of a sum that also holds a term ``fits`` accepts: a layer that a rewrite of
+    ``node`` will merge into at no cost (``branch_sum``; docs/identities.md s3)."""
+    root = node
+    while len(root.users) == 1 and (b := ops.binary(next(iter(root.users)))) is not None and b.op in ("add", "sub"):
+        root = next(iter(root.users))
+    if root is node or not sum_root(root):
+        return False
+    return any(isinstance(term, fx.Node) and term is not node and fits(term) for term, _ in sum_terms(root))
+
+
+def conv_absorbs(gm: fx.GraphModule, source: fx.Node, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                 groups: int) -> Callable[[fx.Node], bool]:
+    """A sum term that is a conv of ``source`` at least as large as ``kernel_size``, of the same ``stride``, its
+    groups dividing ``groups``: a conv of that kernel merges into it without growing it."""
+    def fits(term: fx.Node) -> bool:
+        b = as_branch(gm, term)
+        return (b is not None and b.from_conv and b.input is source and b.spec.stride == tuple(stride)
+                and groups % b.spec.groups == 0 and all(k >= c for k, c in zip(b.kernel_size, kernel_size)))
+    return fits
 
 
 def _why_incompatible(a: Branch, b: Branch, *, same_outputs: bool = True) -> str | None:

@@ -21,7 +21,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import ops
 from .graph import SharedLayers, build_module, call_module, eliminate_dead_code, replace
 from .meta import channels_last, fetch_attr, module_path, rank
-from .mutation import WRITTEN, mark_written
+from .meta import written as written_at
+from .mutation import mark_written
 
 __all__ = ["finalize"]
 
@@ -168,7 +169,7 @@ def finalize(gm: fx.GraphModule, class_name: str = "GraphModule") -> fx.GraphMod
     """A new ``GraphModule`` over ``gm``'s graph with plain layers at the model's paths and nothing unused."""
     graph = gm.graph
     mark_written(gm)  # flags each value written in place through any alias; before the layers are renamed
-    written = {node for node in graph.nodes if node.meta.get(WRITTEN)}
+    written = {node for node in graph.nodes if written_at(node)}
     tree = _Tree()
     shared: SharedLayers = {}
     for node in list(graph.nodes):

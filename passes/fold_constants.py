@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxreparam import cost, evaluate, ops
+from fxreparam import branches, cost, evaluate, ops
 from fxreparam.graph import position
 from fxreparam.meta import device_recorded, storage, written
 from fxreparam.registry import PassContext, register_pass
@@ -100,6 +100,22 @@ def precomputed_elements(gm: fx.GraphModule) -> int:
     return budget.spent if budget is not None else 0
 
 
+def _merged_into_summed_convs(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> bool:
+    """Whether every reader of the kernel ``value`` (computed at ``node``) is a conv summed with a stored conv of the
+    same input at least as large (ECBSR's masked branches beside their 3x3): ``branch_sum`` merges it there, so
+    storing it grows nothing in the result (docs/identities.md s3)."""
+    if value.dim() < 3 or not node.users:
+        return False
+    for user in node.users:
+        read = ops.computed_kernel_conv(user, node, value.dim() - 2)
+        if read is None:
+            return False
+        source, stride, groups = read
+        if not branches.summed_with(user, branches.conv_absorbs(gm, source, tuple(value.shape[2:]), stride, groups)):
+            return False
+    return True
+
+
 @register_pass("fold_constants", "evaluate parameter-only subgraphs (Dirac, weight norm, parametrize) once into "
                                  "plain weights", aliases=("dirac",))
 def fold_constants(ctx: PassContext) -> int:
@@ -137,6 +153,8 @@ def fold_constants(ctx: PassContext) -> int:
         kernel = all(u in const or ops.reads_as_kernel(u, node) for u in node.users)
         budget = precompute_budget(gm)
         stored = sum(_numel(env[s]) for s in sources[node])
+        if kernel and _merged_into_summed_convs(gm, node, value):
+            stored = max(stored, value.numel())  # it grows a conv that is there anyway: nothing added in the end
         why = cost.why_not_stored(value.numel(), stored, kernel=kernel, budget_left=budget.left)
         if why is not None:
             ctx.refuse(node, f"constant {node.name} is computed in forward: {why}", costlier=True)

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxreparam.meta import concrete_shape, device_recorded, storage
-from fxreparam.mutation import WRITTEN
+from fxreparam.meta import concrete_shape, device_recorded, storage, written
 from fxreparam.registry import PassContext, register_pass
 
 _aten = torch.ops.aten
@@ -52,7 +51,7 @@ def _names_only_dtypes(node: fx.Node) -> bool:
 
 def why_not_noop(node: fx.Node, source: fx.Node) -> str | None:
     """Why the cast ``node`` of ``source`` may change its value (or cannot be shown not to), or None."""
-    if node.meta.get(WRITTEN) or source.meta.get(WRITTEN):
+    if written(node) or written(source):
         return "its value or its input is written in place"
     after, before = storage(node), storage(source)
     if after is None or before is None or after != before:

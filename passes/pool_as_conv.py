@@ -11,8 +11,6 @@ with it). Elsewhere it is declined as costlier. (Formerly named ``avgpool``.)
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import fx
 
 from fxreparam import algebra, branches, ops
@@ -20,23 +18,7 @@ from fxreparam.branches import pool_as_conv as read_as_conv
 from fxreparam.graph import emit
 from fxreparam.padding import padded_by_value
 from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
-from fxreparam.spec import ConvSpec, Layer
-
-
-def _absorbed(gm: fx.GraphModule, term: fx.Node, source: fx.Node, kernel: tuple[int, ...], spec: ConvSpec) -> bool:
-    """Whether ``term`` is summed with a conv of ``source`` at least as large as ``kernel`` (same stride, groups
-    dividing ``spec``'s), into which ``branch_sum`` merges a conv of that kernel at no cost (docs/identities.md s3)."""
-    root = term
-    while len(root.users) == 1 and (b := ops.binary(next(iter(root.users)))) is not None and b.op in ("add", "sub"):
-        root = next(iter(root.users))
-    if root is term or not branches.sum_root(root):
-        return False
-    for other, _ in branches.sum_terms(root):
-        b = branches.as_branch(gm, other) if isinstance(other, fx.Node) and other is not term else None
-        if (b is not None and b.from_conv and b.input is source and b.spec.stride == spec.stride
-                and spec.groups % b.spec.groups == 0 and all(k >= c for k, c in zip(b.kernel_size, kernel))):
-            return True
-    return False
+from fxreparam.spec import Layer
 
 
 def _absorbed_by_sum(gm: fx.GraphModule, term: fx.Node, conv: Layer) -> bool:
@@ -44,14 +26,14 @@ def _absorbed_by_sum(gm: fx.GraphModule, term: fx.Node, conv: Layer) -> bool:
     of the pool's input (``branch_sum`` merges them), or of the input of the conv whose output, zero- or
     border-padded, the pool reads (``sequential`` composes the two, then ``branch_sum`` merges)."""
     kernel = tuple(conv.weight.shape[2:])
-    if _absorbed(gm, term, conv.input, kernel, conv.spec):
+    if branches.summed_with(term, branches.conv_absorbs(gm, conv.input, kernel, conv.spec.stride, conv.spec.groups)):
         return True
     border = padded_by_value(gm, conv.input, conv.node)
     inner = ops.conv(gm, border.input if border is not None else conv.input)
     if inner is None or inner.transposed or len(inner.node.users) != 1:
         return False
     _, groups = algebra.composed_shape(conv.weight.shape, conv.spec.groups, inner.weight.shape, inner.spec.groups)
-    return _absorbed(gm, term, inner.input, kernel, replace(conv.spec, groups=groups))
+    return branches.summed_with(term, branches.conv_absorbs(gm, inner.input, kernel, conv.spec.stride, groups))
 
 
 @register_pass("pool_as_conv", "an exact average pool followed by a BN or per-channel affine, as a depthwise conv "

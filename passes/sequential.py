@@ -26,13 +26,10 @@ from torch import fx
 
 from fxreparam import algebra, branches, cost, ops
 from fxreparam.graph import LayerParts, Provisional, emit, mark_provisional
-from fxreparam.meta import concrete_shape
+from fxreparam.meta import concrete_shape, speculation_undone
 from fxreparam.padding import padded_by_value
 from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
 from fxreparam.spec import ConvSpec, Layer
-
-SPECULATION_UNDONE = "fxreparam_speculation_undone"
-"""Set on a layer restored from a composition no sum absorbed: it is not composed in that expectation again."""
 
 
 def _conv_like(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
@@ -51,27 +48,6 @@ def _same_values(border: torch.Tensor, bias: torch.Tensor | None, dtype: torch.d
 def _positions(layer: Layer) -> int:
     shape = concrete_shape(layer.node)
     return cost.node_positions(layer.node, layer.spec.channel_dim(len(shape))) if shape is not None else 1
-
-
-def _absorbed(node: fx.Node, fits: Callable[[fx.Node], bool]) -> bool:
-    """Whether ``node`` is a term of a sum that also holds a term ``fits`` accepts: a layer of the same input that
-    the composition merges into at no cost (``branch_sum``; docs/identities.md s3)."""
-    root = node
-    while len(root.users) == 1 and (b := ops.binary(next(iter(root.users)))) is not None and b.op in ("add", "sub"):
-        root = next(iter(root.users))
-    if root is node or not branches.sum_root(root):
-        return False
-    return any(isinstance(term, fx.Node) and term is not node and fits(term) for term, _ in branches.sum_terms(root))
-
-
-def _absorbs_conv(gm: fx.GraphModule, source: fx.Node, kernel_size: tuple[int, ...], spec: ConvSpec
-                  ) -> Callable[[fx.Node], bool]:
-    """A term that is a conv of ``source`` at least as large as the composed kernel (same stride, groups dividing)."""
-    def fits(term: fx.Node) -> bool:
-        b = branches.as_branch(gm, term)
-        return (b is not None and b.from_conv and b.input is source and b.spec.stride == spec.stride
-                and spec.groups % b.spec.groups == 0 and all(k >= c for k, c in zip(b.kernel_size, kernel_size)))
-    return fits
 
 
 def _absorbs_linear(gm: fx.GraphModule, source: fx.Node, width: int) -> Callable[[fx.Node], bool]:
@@ -121,8 +97,9 @@ def _fold_conv_pair(ctx: PassContext, outer: Layer) -> bool:
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
                             _planned_cost(shape, has_bias, _positions(outer)))
     restorable = border is None and ops.conv(gm, inner.node) is not None and ops.conv(gm, outer.node) is not None
-    if why is not None and not (_absorbed(outer.node, _absorbs_conv(gm, inner.input, tuple(shape[2:]), spec))
-                                and not (restorable and outer.node.meta.get(SPECULATION_UNDONE))):
+    absorbs = branches.conv_absorbs(gm, inner.input, tuple(shape[2:]), spec.stride, spec.groups)
+    if why is not None and not (branches.summed_with(outer.node, absorbs)
+                                and not (restorable and speculation_undone(outer.node))):
         if ops.conv(gm, outer.node) is None:
             return False  # a conv then a plain pooling: no structure to fold, nothing to report
         raise Costlier(f"{where}: not composed: {why}", outer.node)
@@ -184,8 +161,8 @@ def _fold_spatial_pair(ctx: PassContext, inner: Layer, outer: Layer, padded_betw
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, _positions(inner)),
                              cost.kernel_cost(outer.weight, outer.bias, _positions(outer))],
                             _planned_cost(shape, has_bias, _positions(outer)))
-    if why is not None and (outer.node.meta.get(SPECULATION_UNDONE)
-                            or not _absorbed(outer.node, _absorbs_conv(gm, inner.input, size, spec))):
+    absorbs = branches.conv_absorbs(gm, inner.input, size, spec.stride, spec.groups)
+    if why is not None and (speculation_undone(outer.node) or not branches.summed_with(outer.node, absorbs)):
         raise Costlier(f"{where}: not composed: {why}, and no conv of the same input in the same sum is as large",
                        outer.node)
     record = _provisional(inner, outer) if why is not None else None
@@ -226,8 +203,8 @@ def _fold_linear_pair(ctx: PassContext, outer: Layer) -> bool:
     why = cost.why_costlier([cost.kernel_cost(inner.weight, inner.bias, 1), cost.kernel_cost(outer.weight,
                                                                                             outer.bias, 1)],
                             _planned_cost(shape, outer.bias is not None or inner.bias is not None, 1))
-    if why is not None and (outer.node.meta.get(SPECULATION_UNDONE)
-                            or not _absorbed(outer.node, _absorbs_linear(gm, inner.input, shape[0]))):
+    if why is not None and (speculation_undone(outer.node)
+                            or not branches.summed_with(outer.node, _absorbs_linear(gm, inner.input, shape[0]))):
         raise Costlier(f"{ctx.label(inner.node, 'linear')} then {ctx.label(outer.node, 'linear')}: not composed: "
                        f"{why}, and no linear of the same input in the same sum absorbs it", outer.node)
     record = _provisional(inner, outer) if why is not None else None

@@ -14,8 +14,7 @@ from typing import Any
 from torch import fx
 
 from fxreparam import ops
-from fxreparam.meta import concrete_shape, storage
-from fxreparam.mutation import WRITTEN
+from fxreparam.meta import concrete_shape, storage, written
 from fxreparam.registry import PassContext, register_pass
 
 
@@ -39,10 +38,10 @@ def _kept_operand(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The operand of the sum ``node`` that stays when its other term is zero (same shape and dtype, and not written
     in place later: the sum was a fresh tensor, the operand would alias it), or None."""
     b = ops.binary(node)
-    if b is None or b.op not in ("add", "sub") or b.inplace or node.meta.get(WRITTEN):
+    if b is None or b.op not in ("add", "sub") or b.inplace or written(node):
         return None
     for zero, kept in ((b.rhs, b.lhs), (b.lhs, b.rhs) if b.op == "add" else (None, None)):
-        if isinstance(kept, fx.Node) and not kept.meta.get(WRITTEN) and _zero_through_scale(gm, zero) and \
+        if isinstance(kept, fx.Node) and not written(kept) and _zero_through_scale(gm, zero) and \
                 concrete_shape(kept) == concrete_shape(node) is not None and storage(kept) == storage(node):
             return kept
     return None

@@ -17,10 +17,6 @@ _DIRECT = re.compile(r"\.meta(\[|\.get\(|\.pop\(|\.setdefault\()")
 
 # file: why it still reads a key directly. Each is to be removed, not added to.
 EXCEPTIONS: dict[str, str] = {
-    "passes/sequential.py": "reads meta.SPECULATION_UNDONE directly (use meta.speculation_undone; H6 owns the file)",
-    "fxreparam/finalize.py": "reads mutation.WRITTEN directly (use meta.written)",
-    "passes/zero_branches.py": "reads mutation.WRITTEN directly (use meta.written)",
-    "passes/noop_casts.py": "reads mutation.WRITTEN directly (use meta.written)",
 }
 
 
@@ -92,9 +88,7 @@ def test_copies_keep_what_they_say():
 
 
 def test_the_old_key_names_still_resolve_to_meta_s():
-    from fxreparam.passes import sequential
-
     from fxreparam import capture, graph, mutation
 
     assert capture.OPAQUE == meta.OPAQUE and graph.PROVISIONAL == meta.PROVISIONAL
-    assert mutation.WRITTEN == meta.WRITTEN and sequential.SPECULATION_UNDONE == meta.SPECULATION_UNDONE
+    assert mutation.WRITTEN == meta.WRITTEN

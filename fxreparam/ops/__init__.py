@@ -43,7 +43,7 @@ from .layers import (
     weighted,
 )
 from .targets import aten, constant, opaque
-from .uses import op_kind, reads_as_kernel, shape_query, value_users
+from .uses import computed_kernel_conv, op_kind, reads_as_kernel, shape_query, value_users
 
 __all__ = [
     "AvgPool",
@@ -57,6 +57,7 @@ __all__ = [
     "binary",
     "channel_affine",
     "channel_average",
+    "computed_kernel_conv",
     "concat",
     "constant",
     "constant_pad",

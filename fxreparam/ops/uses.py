@@ -21,6 +21,7 @@ from .targets import (
     _LINEAR_TARGETS,
     _SHAPE_QUERIES,
     _bind,
+    _tuple,
 )
 
 
@@ -54,6 +55,19 @@ def reads_as_kernel(user: fx.Node, value: fx.Node) -> bool:
     names = _CONV_TARGETS[user.target][0] if user.target in _CONV_TARGETS else ("input", "weight", "bias")
     a = _bind(user, names, {})
     return a.get("input") is not value and value in (a.get("weight"), a.get("bias"))
+
+
+def computed_kernel_conv(user: fx.Node, kernel: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...], int] | None:
+    """``(input, stride, groups)`` of ``user`` where it is a plain (not transposed) ``dims``-d conv reading
+    ``kernel``, a value computed in the graph, as its weight: what ``ops.conv`` reads of a conv whose weight is
+    not stored yet."""
+    if user.op != "call_function" or user.target not in _CONV_TARGETS:
+        return None
+    names, defaults, transposed = _CONV_TARGETS[user.target]
+    a = _bind(user, names, defaults)
+    if a.get("weight") is not kernel or not isinstance(a.get("input"), fx.Node) or transposed is not False:
+        return None
+    return a["input"], _tuple(a["stride"], dims), int(a["groups"])
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
