@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import VerificationError
+from .trees import fresh_copies
 
 __all__ = ["FLOOR", "QUICK", "K", "Reference", "Verification", "fresh_copies", "relative_error", "state_kept", "verify"]
 
@@ -179,12 +180,6 @@ def trial_inputs(args: tuple, kwargs: dict, dynamic: Dynamic | None = None, seed
 
 def _floor(dtype: torch.dtype) -> float:
     return FLOOR.get(dtype, _OTHER_FLOOR)
-
-
-def fresh_copies(tree: Any) -> Any:
-    """Fresh copies of the tensors in ``tree``: a model that writes into its inputs must not change what the
-    next run (the reference, the float64 reference, the candidate) reads."""
-    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, CaptureInputError, ShapeError
-from ..verify import fresh_copies
+from ..trees import fresh_copies
 from .diagnose import _check_inputs, _classify, _input_mismatch, _runs
 from .export import DYNAMIC_DIMS, _export_as_asked, _export_checked, _Exported, export_program
 from .functional import _to_graph

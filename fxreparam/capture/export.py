@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, ShapeError
-from ..verify import fresh_copies
+from ..trees import fresh_copies
 from .diagnose import _first_lines, _input_mismatch, _runs
 from .functional import _to_graph
 from .guard import GUARD, InputGuard, _check_covers, _flatten_by_spec
