@@ -22,8 +22,8 @@ from . import algebra, cost, crops, ops
 from .meta import Storage, concrete_shape, module_path, rank, storage
 from .spec import ConvSpec, Layer
 
-__all__ = ["Branch", "as_branch", "common_path", "identity_branch", "merge", "on_common_grid", "pool_as_conv", "stack",
-           "sum_root", "sum_terms", "why_reads_differ"]
+__all__ = ["Branch", "as_branch", "common_path", "identity_branch", "merge", "merge_within", "on_common_grid",
+           "pool_as_conv", "stack", "sum_root", "sum_terms", "why_reads_differ"]
 
 
 @dataclass(frozen=True)
@@ -273,6 +273,42 @@ def merge(branches: list[Branch]) -> tuple[Branch | None, list[tuple[Branch, str
     name = common_path([t.name for t in taken]) or big.name
     label = " + ".join(t.label for t in taken)
     return Branch(big.input, spec, weight, bias, stored, label, name, any(t.from_conv for t in taken)), refused
+
+
+def _span(b: Branch, d: int) -> int:
+    """The input pixels ``b``'s kernel covers along spatial dim ``d`` (its dilated extent)."""
+    return b.spec.dilation[d] * (b.kernel_size[d] - 1) + 1
+
+
+def _holds(host: Branch, b: Branch) -> bool:
+    """Whether ``b``'s kernel lies inside ``host``'s: no wider on any dim, its taps on ``host``'s grid, its groups a
+    multiple of ``host``'s, and the two aligned (REPARAM §3); summed into ``host`` it adds no weight and no MAC."""
+    if host.spec.dims != b.spec.dims or b.spec.groups % host.spec.groups:
+        return False
+    for d in range(host.spec.dims):
+        if _span(b, d) > _span(host, d) or (b.kernel_size[d] > 1 and b.spec.dilation[d] % host.spec.dilation[d]):
+            return False
+    return _why_incompatible(*on_common_grid([host, b])) is None
+
+
+def merge_within(branches: list[Branch]) -> list[tuple[Branch, list[Branch]]]:
+    """Of a sum that does not merge whole, each branch merged with those whose kernels lie inside it (REPARAM §3),
+    largest host first, each branch merged at most once: ``(merged, the branches it sums, host first)`` per host
+    that absorbed any; the other branches stay as they are."""
+    ordered = sorted(branches, key=lambda b: -math.prod(_span(b, d) for d in range(b.spec.dims)))
+    hosts: list[list[Branch]] = []
+    for b in ordered:
+        group = next((g for g in hosts if _holds(g[0], b)), None)
+        if group is None:
+            hosts.append([b])
+        else:
+            group.append(b)
+    found = []
+    for group in (g for g in hosts if len(g) > 1):
+        merged, refused = merge(group)
+        if merged is not None:
+            found.append((merged, [b for b in group if all(b is not r for r, _ in refused)]))
+    return found
 
 
 def stack(parts: list[Branch]) -> tuple[Branch | None, str | None]:

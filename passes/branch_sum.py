@@ -4,7 +4,8 @@ RepVGG (3x3-BN + 1x1-BN + BN), ACNet (3x3 + 1x3 + 3x1), MobileOne (k convs + 1x1
 DBB's final sum are add/sub trees whose terms are convs of the same input; REPARAM §3 gives
 when their kernels add up exactly. Bare ``x`` terms are left to the ``identity`` pass, which
 runs :func:`fold_sum` too; a merge that would store more weights or do more work than the
-branches it replaces is declined. Summed linear layers of one input become one linear.
+branches it replaces is declined, and the terms whose kernels lie inside a larger one merge into it instead
+(SLaK's 5x5 into its 51x5: no weight or MAC added). Summed linear layers of one input become one linear.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fxreparam.branches import (
     common_path,
     identity_branch,
     merge,
+    merge_within,
     sum_root,
     sum_terms,
     why_reads_differ,
@@ -134,32 +136,71 @@ _Merged = tuple[fx.Node, list[int]]  # the new layer's node and the indices of t
 _Notes = list[tuple[str, bool]]  # why parts of a sum stay, each with whether it is a decline for cost
 
 
-def _merge_branches(ctx: PassContext, root: fx.Node, source: fx.Node, members: list[tuple[int, Branch, bool]],
-                    notes: _Notes) -> _Merged | None:
-    """One conv for the branches of ``source`` that align (REPARAM §3) and cost no more, placed at their first
-    read of it; why the rest stay goes to ``notes``."""
-    if why_reads_differ(source):
-        return notes.append((why_reads_differ(source), False))
-    given = {i: b for i, b, _ in members}  # costs are the branches' own, before any widening
-    widened = _broadcast_branches(members)
-    if isinstance(widened, str):
-        return notes.append((widened, False))
-    merged, refused = merge([b for _, b, _ in widened])
-    notes += [(f"{b.label} not merged: {why}", False) for b, why in refused]
-    if merged is None:
-        return None
-    kept = {id(b) for b, _ in refused}
-    taken = [i for i, b, _ in widened if id(b) not in kept]
-    why = cost.why_costlier([given[i].cost() for i in taken], merged.cost())
-    if why is not None:
-        return notes.append((f"merging {merged.label}: {why}", True))
+def _place(ctx: PassContext, root: fx.Node, source: fx.Node, merged: Branch, notes: _Notes) -> fx.Node | None:
+    """``merged`` as a conv of ``source`` placed at its first read; ``None`` (and why in ``notes``) where its
+    branches crop more than it can pad."""
     if min(merged.spec.padding) < 0:
         return notes.append((f"merging {merged.label}: the merged conv would need padding {merged.spec.padding} "
                              "(its branches crop more than the largest pads)", False))
     first_read = min(source.users, key=position)
     before = first_read if position(first_read) < position(root) else root
     return insert_layer(ctx.gm, merged.spec, merged.weight, merged.bias, input=source, before=before,
-                        storage=merged.storage, name=merged.name, like=root), taken
+                        storage=merged.storage, name=merged.name, like=root)
+
+
+def _sized(b: Branch) -> str:
+    """``b``'s label with its kernel size (``3x3 conv 'a'``), as the reasons of a partial merge name terms."""
+    return f"{'x'.join(map(str, b.kernel_size))} {b.label}"
+
+
+def _merge_within(ctx: PassContext, root: fx.Node, source: fx.Node, widened: list[tuple[int, Branch, bool]],
+                  given: dict[int, Branch], notes: _Notes, declined: bool) -> list[_Merged]:
+    """Of branches that do not merge whole, each merged with those whose kernels lie inside it (no weight or MAC
+    added, REPARAM §3), the rest kept; which merged into which, and why the others stay, go to ``notes``."""
+    index = {id(b): i for i, b, _ in widened}
+    placed: list[_Merged] = []
+    for merged, taken in merge_within([b for _, b, _ in widened]):
+        indices = [index[id(b)] for b in taken]
+        why = cost.why_costlier([given[i].cost() for i in indices], merged.cost())
+        if why is not None:
+            notes.append((f"merging {merged.label}: {why}", True))
+            continue
+        node = _place(ctx, root, source, merged, notes)
+        if node is not None:
+            placed.append((node, indices))
+            notes.append((f"{_PARTLY}{', '.join(_sized(b) for b in taken[1:])} into {_sized(taken[0])}", declined))
+    done = {i for _, indices in placed for i in indices}
+    if declined:
+        notes += [(f"{_sized(b)} kept: no other term's kernel holds it, so merging it would grow one", True)
+                  for i, b, _ in widened if i not in done]
+    return placed
+
+
+def _merge_branches(ctx: PassContext, root: fx.Node, source: fx.Node, members: list[tuple[int, Branch, bool]],
+                    notes: _Notes) -> list[_Merged]:
+    """One conv for the branches of ``source`` that align (REPARAM §3) and cost no more, placed at their first
+    read of it; where they do not merge whole, the terms that fit inside a larger one merged into it; why the rest
+    stay goes to ``notes``."""
+    if why_reads_differ(source):
+        notes.append((why_reads_differ(source), False))
+        return []
+    given = {i: b for i, b, _ in members}  # costs are the branches' own, before any widening
+    widened = _broadcast_branches(members)
+    if isinstance(widened, str):
+        notes.append((widened, False))
+        return []
+    merged, refused = merge([b for _, b, _ in widened])
+    notes += [(f"{b.label} not merged: {why}", False) for b, why in refused]
+    if merged is None:
+        return _merge_within(ctx, root, source, widened, given, notes, declined=False)
+    kept = {id(b) for b, _ in refused}
+    taken = [i for i, b, _ in widened if id(b) not in kept]
+    why = cost.why_costlier([given[i].cost() for i in taken], merged.cost())
+    if why is not None:
+        notes.append((f"merging {merged.label}: {why}", True))
+        return _merge_within(ctx, root, source, widened, given, notes, declined=True)
+    node = _place(ctx, root, source, merged, notes)
+    return [] if node is None else [(node, taken)]
 
 
 def _merge_linears(ctx: PassContext, root: fx.Node, source: fx.Node, members: list[tuple[int, Layer, float]],
@@ -183,9 +224,14 @@ def _worth_merging(members: list[tuple[int, Branch, bool]], with_identity: bool)
             and (not with_identity or any(ident for _, _, ident in members)))
 
 
+_PARTLY = "partly merged: "  # the note of a partial merge, which a later round's restatement does not replace
+
+
 def _report(ctx: PassContext, root: fx.Node, notes: _Notes) -> None:
-    """All of a sum's reasons as one refusal (the report keeps one per node): a decline only if every one is."""
-    if notes:
+    """All of a sum's reasons as one refusal (the report keeps one per node): a decline only if every one is. A sum
+    left by a partial merge keeps that merge's account (which terms merged into which) over a later round's."""
+    prior = ctx.refusals.get((ctx.pass_name, root.name))
+    if notes and (prior is None or _PARTLY not in prior.reason or any(_PARTLY in why for why, _ in notes)):
         ctx.refuse(root, f"{ctx.label(root, 'sum')}: " + "; ".join(why for why, _ in notes),
                    costlier=all(costlier for _, costlier in notes))
 
@@ -199,18 +245,23 @@ def fold_sum(ctx: PassContext, root: fx.Node, *, with_identity: bool) -> bool:
     groups, blocked = _read_terms(ctx.gm, terms, with_identity)
     read = set(groups) | {t for t, _ in terms if isinstance(t, fx.Node)}  # what other terms read or are
     notes: _Notes = [(reason, False) for source in read for reason in blocked.get(source, [])]
-    merged = [_merge_branches(ctx, root, source, members, notes) for source, members in groups.items()
-              if _worth_merging(members, with_identity)]
+    merged: list[_Merged | None] = [m for source, members in groups.items() if _worth_merging(members, with_identity)
+                                    for m in _merge_branches(ctx, root, source, members, notes)]
     if not with_identity:
         merged += [_merge_linears(ctx, root, source, members, notes)
                    for source, members in _linear_terms(ctx.gm, terms).items() if len(members) >= 2]
-    _report(ctx, root, notes)
     merged = [m for m in merged if m is not None]
+    partly = any(_PARTLY in why for why, _ in notes)
+    if not partly:
+        _report(ctx, root, notes)
     if not merged:
         return False
     replaced = {i for _, indices in merged for i in indices}
     parts = [(node, 1.0) for node, _ in merged] + [t for i, t in enumerate(terms) if i not in replaced]
-    replace_node(root, _build_sum(ctx.graph, parts, root))
+    result = _build_sum(ctx.graph, parts, root)
+    replace_node(root, result)
+    if partly:  # on the sum that stays, where the report keeps it
+        _report(ctx, result, notes)
     return True
 
 

@@ -152,3 +152,56 @@ def test_the_merged_conv_carries_the_sum_s_shape_not_its_first_reader_s():
     x = torch.randn(2, 3, 16, 16)
     folded = fxreparam.optimize(SumThenFlatten().eval(), x)
     assert fxreparam.report(folded).after.macs == executed_ops(folded, x)["macs"] // 2 == 8 * 27 * 256
+
+
+class _Decomposed(nn.Module):
+    """SLaK's decomposed kernel, small: a kx3 and a 3xk conv and a 3x3 conv of one input, each with a BN."""
+
+    def __init__(self, k: int = 9, groups: int = 1, identity: bool = False):
+        super().__init__()
+        self.tall = cbn(4, 4, (k, 3), (k // 2, 1), groups)
+        self.wide = cbn(4, 4, (3, k), (1, k // 2), groups)
+        self.small = cbn(4, 4, 3, 1, groups)
+        self.identity = identity
+
+    def forward(self, x):
+        y = self.tall(x) + self.wide(x) + self.small(x)
+        return y + x if self.identity else y
+
+
+def _stored_after(run) -> int:
+    from fxreparam import cost
+
+    return cost.graph_cost(run.gm).weights
+
+
+def _stored_before(model: nn.Module, x: torch.Tensor) -> int:
+    from fxreparam import cost
+    from fxreparam.capture import capture as capture_graph
+
+    return cost.graph_cost(capture_graph(model.eval(), (x,), None, "export").gm).weights
+
+
+def test_a_sum_too_costly_to_merge_whole_merges_what_fits_inside_a_larger_kernel():
+    """9x3 + 3x9 + 3x3 as one 9x9 would store 81 > 27 + 27 + 9 taps: the 3x3 merges into a 9x3 (it adds nothing
+    there, docs/identities.md s3) and the 3x9 stays a branch; the report says which merged and why the other not."""
+    for groups, identity in [(1, False), (4, False), (1, True)]:
+        model, x = _Decomposed(groups=groups, identity=identity), torch.randn(2, 4, 11, 11)
+        run = run_pass("branch_sum", model, x)
+        assert (run.rewrites, run.count("conv"), run.error < 1e-5) == (1, 2, True), (groups, identity)
+        assert _stored_after(run) <= _stored_before(model, x)
+        assert "merged" in run.reasons and "kept" in run.reasons and "weights" in run.reasons
+
+
+def test_a_sum_cheap_enough_to_merge_whole_still_merges_whole():
+    """7x3 + 3x7 + 3x3 as one 7x7 stores 49 <= 21 + 21 + 9 taps: one conv, as before."""
+    model, x = _Decomposed(k=7), torch.randn(2, 4, 11, 11)
+    run = run_pass("branch_sum", model, x)
+    assert (run.rewrites, run.count("conv"), run.error < 1e-5) == (1, 1, True)
+
+
+def test_a_sum_where_no_kernel_holds_another_stays_with_its_decline_reason():
+    model = Branches(cbn(4, 4, (1, 5), (0, 2)), cbn(4, 4, (5, 1), (2, 0)))
+    run = run_pass("branch_sum", model, torch.randn(1, 4, 7, 7))
+    assert (run.rewrites, run.count("conv")) == (0, 2)
+    assert "weights" in run.reasons and "kept" in run.reasons
