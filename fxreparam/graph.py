@@ -26,10 +26,10 @@ from .meta import (
     set_provisional_record,
 )
 from .mutation import eliminate_dead_code, erase_dead
-from .spec import ConvSpec, Spec
+from .spec import ConvSpec, Layer, Spec
 
 __all__ = ["PROVISIONAL", "LayerParts", "Provisional", "SharedLayers", "build_module", "call_module",
-           "eliminate_dead_code", "emit", "erase_dead", "inline_layers", "insert_layer", "live_nodes",
+           "eliminate_dead_code", "emit", "emit_refolded", "erase_dead", "inline_layers", "insert_layer", "live_nodes",
            "mark_provisional", "position", "provisional", "replace"]
 
 _CONV_CLASSES = {
@@ -150,6 +150,18 @@ def emit(gm: fx.GraphModule, spec: Spec, weight: torch.Tensor, bias: torch.Tenso
     new = insert_layer(gm, spec, weight, bias, input=input, before=at or replaces, storage=storage,
                        name=name or module_path(replaces), like=replaces)
     replace(replaces, new)
+    return new
+
+
+def emit_refolded(gm: fx.GraphModule, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                  replaces: fx.Node) -> fx.Node:
+    """``layer`` with a new kernel in place of ``replaces``, an op after it that the kernel now holds (a BN, an
+    affine); what still reads the old layer (shape queries alone) reads the new one, and the old layer goes."""
+    new = emit(gm, layer.spec, weight, bias, input=layer.input, replaces=replaces, storage=layer.storage,
+               name=layer.name, at=layer.node)
+    if layer.node.users:  # shape queries alone: the new layer's output has the same shape
+        layer.node.replace_all_uses_with(new)
+        erase_dead(layer.node)
     return new
 
 

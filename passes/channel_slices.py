@@ -31,7 +31,7 @@ import torch
 from torch import fx
 
 from fxreparam import algebra, branches, cost, ops
-from fxreparam.graph import emit, erase_dead, position
+from fxreparam.graph import emit, emit_refolded, erase_dead, position
 from fxreparam.meta import concrete_shape, rank, storage
 from fxreparam.ops.targets import _SLICE, _TO_END, _bind, opaque
 from fxreparam.registry import Costlier, NotExact, PassContext, register_pass
@@ -315,11 +315,7 @@ def _into_producer(ctx: PassContext, node: fx.Node, layer, affine, ndim: int, di
                        f"dim {layer.spec.channel_dim(ndim)}")
     weight, bias = algebra.affine_after(layer.weight, layer.bias, affine, groups=layer.groups,
                                         transposed=layer.transposed, dtype=layer.storage[0])
-    new = emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
-               name=layer.name, at=layer.node)
-    if layer.node.users:  # shape queries alone: the new layer's output has the same shape
-        layer.node.replace_all_uses_with(new)
-        erase_dead(layer.node)
+    emit_refolded(ctx.gm, layer, weight, bias, replaces=node)
     return True
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import fx
 
 from fxreparam import algebra, ops
-from fxreparam.graph import emit, erase_dead, replace
+from fxreparam.graph import emit, emit_refolded, replace
 from fxreparam.meta import rank
 from fxreparam.registry import NotExact, PassContext, register_pass
 
@@ -56,11 +56,7 @@ def conv_bn(ctx: PassContext, node: fx.Node) -> bool:
     weight, bias = algebra.affine_after(layer.weight, layer.bias, vectors, groups=layer.groups,
                                         transposed=layer.transposed, dtype=layer.storage[0])  # rounded once, stored
     if reshape is None:
-        new = emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=node, storage=layer.storage,
-                   name=layer.name, at=layer.node)
-        if layer.node.users:  # shape queries alone: the new layer's output has the same shape
-            layer.node.replace_all_uses_with(new)
-            erase_dead(layer.node)
+        emit_refolded(ctx.gm, layer, weight, bias, replaces=node)
         return True
     emit(ctx.gm, layer.spec, weight, bias, input=layer.input, replaces=layer.node, storage=layer.storage,
          name=layer.name)
